@@ -1,0 +1,3 @@
+from site_worker.cli import main
+
+raise SystemExit(main())

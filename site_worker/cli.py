@@ -1,0 +1,166 @@
+"""`python -m site_worker`: run one hospital's site worker.
+
+    python -m site_worker --site-id site-1 --data site-1.csv --schema schema.yaml \
+        --port 50051 --state-dir /var/lib/twin/site-1
+    python -m site_worker --site-id site-1 --synthetic --cohort-seed 7 --port 50051 --state-dir ...
+    python -m site_worker --config site.yaml      # the same keys, in YAML
+
+A malformed data file, schema or config stops the worker at start-up with a clear message and
+exit code 2; nothing is served until the data passes its checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+log = logging.getLogger("site_worker")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    site_id: str
+    state_dir: Path
+    port: int = 50051
+    host: str = "127.0.0.1"
+    data: Path | None = None
+    schema: Path | None = None
+    synthetic: bool = False
+    cohort_seed: int = 7
+    drift: tuple[str, ...] = ()
+    holdout_fraction: float = 0.2
+    split_seed: int = 0
+    torch_threads: int = 1
+    grace_seconds: float = 30.0
+    ready_file: Path | None = None
+
+    def check(self) -> None:
+        if self.synthetic == bool(self.data):
+            raise ValueError("give either --data FILE (with --schema) or --synthetic")
+        if self.data and not self.schema:
+            raise ValueError("--data needs --schema: the declared schema of the file")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"--holdout-fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}")
+        if self.torch_threads < 1:
+            raise ValueError("--torch-threads must be >= 1")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="site_worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    p.add_argument("--site-id")
+    p.add_argument("--state-dir", type=Path, help="where the worker keeps its journal and state")
+    p.add_argument("--port", type=int, help="0 picks a free port (see --ready-file)")
+    p.add_argument("--host")
+    p.add_argument("--data", type=Path, help="CSV or Parquet file of this site's data")
+    p.add_argument("--schema", type=Path, help="YAML schema declaring task, columns and target")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        default=None,
+        help="serve this site's share of the synthetic cohort",
+    )
+    p.add_argument("--cohort-seed", type=int)
+    p.add_argument(
+        "--drift", action="append", help="synthetic drift, e.g. site-3:covariate_severity:200"
+    )
+    p.add_argument("--holdout-fraction", type=float)
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--grace-seconds", type=float)
+    p.add_argument("--ready-file", type=Path, help="write the bound port here once serving")
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> SiteSettings:
+    args = vars(_parser().parse_args(argv))
+    values: dict = {}
+    config = args.pop("config")
+    if config:
+        import yaml
+
+        doc = yaml.safe_load(Path(config).read_text()) or {}
+        known = {f.name for f in fields(SiteSettings)}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ValueError(f"{config}: unknown key(s) {unknown}; known: {sorted(known)}")
+        values.update(doc)
+    values.update({k: v for k, v in args.items() if v is not None})
+    for key in ("site_id", "state_dir"):
+        if not values.get(key):
+            raise ValueError(f"--{key.replace('_', '-')} is required")
+    for key in ("state_dir", "data", "schema", "ready_file"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
+    values["drift"] = tuple(values.get("drift") or ())
+    values["synthetic"] = bool(values.get("synthetic"))
+    settings = SiteSettings(**values)
+    settings.check()
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s site_worker %(levelname)s %(message)s"
+    )
+    try:
+        settings = settings_from_args(argv)
+    except (ValueError, OSError) as exc:
+        print(f"site_worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+    # Before torch is imported: one thread per worker, or 10 workers on 2 cores thrash.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(settings.torch_threads))
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    torch.set_num_interop_threads(1)
+
+    from site_worker.data import load_file, load_synthetic
+    from site_worker.handler import SiteHandler
+    from site_worker.server import SiteServer, serve
+    from twin_core.errors import SchemaError, SiteDataError
+
+    try:
+        if settings.synthetic:
+            schema, frame = load_synthetic(settings.site_id, settings.cohort_seed, settings.drift)
+        else:
+            assert settings.data and settings.schema
+            schema, frame = load_file(settings.data, settings.schema)
+    except (SchemaError, SiteDataError, ValueError) as exc:
+        print(f"site_worker: refusing to start site {settings.site_id}: {exc}", file=sys.stderr)
+        return 2
+    handler = SiteHandler(
+        settings.site_id,
+        schema,
+        frame,
+        holdout_fraction=settings.holdout_fraction,
+        split_seed=settings.split_seed,
+        state_dir=settings.state_dir,
+    )
+    handler.warm_up()
+    info = handler.info()
+    log.info(
+        "site %s: task %s, schema %s, %d units, %d train / %d holdout examples",
+        info.site_id,
+        info.task,
+        info.schema_fingerprint,
+        info.units,
+        info.train_examples,
+        info.holdout_examples,
+    )
+    try:
+        server = SiteServer({settings.site_id: handler}, settings.host, settings.port)
+    except (OSError, RuntimeError) as exc:
+        print(
+            f"site_worker: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
+        )
+        return 2
+    serve(server, grace=settings.grace_seconds, ready_file=settings.ready_file)
+    return 0

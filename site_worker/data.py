@@ -1,0 +1,37 @@
+"""Where a site's data comes from: a CSV/Parquet file with a declared schema, or the
+seeded synthetic cohort. The only module of the worker that reads patient data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from twin_core.errors import SiteDataError
+from twin_core.schema import DataSchema, check_frame, load_schema, parse_schema, read_table
+
+
+def load_file(data_path: Path, schema_path: Path) -> tuple[DataSchema, pd.DataFrame]:
+    """Read and check a site's file against its schema; SchemaError/SiteDataError if unfit."""
+    schema = load_schema(schema_path)
+    frame = read_table(data_path)
+    try:
+        return schema, check_frame(schema, frame)
+    except SiteDataError as exc:
+        raise SiteDataError(f"{data_path}: {exc}") from None
+
+
+def load_synthetic(
+    site_id: str, seed: int, drift: tuple[str, ...] = ()
+) -> tuple[DataSchema, pd.DataFrame]:
+    """One site's share of the seeded synthetic cohort (reference/twin-model.md)."""
+    from twin_core.cohort import CohortConfig, DriftSpec, cohort_schema, generate_cohort
+
+    config = CohortConfig(seed=seed, drift=tuple(DriftSpec.parse(d) for d in drift))
+    cohort = generate_cohort(config)
+    try:
+        frame = cohort.site(site_id)
+    except KeyError as exc:
+        raise SiteDataError(str(exc.args[0] if exc.args else exc)) from None
+    schema = parse_schema(cohort_schema(config.params), source="synthetic cohort schema")
+    return schema, check_frame(schema, frame)

@@ -1,0 +1,89 @@
+"""The gRPC face of a site worker: decode, call the handler, encode; errors become statuses."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Mapping
+
+import grpc
+
+from site_worker.handler import SiteHandler
+from twin_core.errors import MalformedStream, SiteCallError
+from twin_wire import codec
+from twin_wire.v1 import site_pb2 as pb
+from twin_wire.v1 import site_pb2_grpc
+
+log = logging.getLogger("site_worker")
+
+
+class SiteServicer(site_pb2_grpc.SiteServiceServicer):
+    """Serves one or more sites (a hospital, or many virtual sites in a simulation)."""
+
+    def __init__(self, handlers: Mapping[str, SiteHandler]) -> None:
+        self.handlers = dict(handlers)
+
+    def _handler(self, site_id: str, context: grpc.ServicerContext) -> SiteHandler:
+        handler = self.handlers.get(site_id)
+        if handler is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown site {site_id!r}: this worker serves {sorted(self.handlers)}",
+            )
+        return handler
+
+    def _peek_site(
+        self, requests: Iterator, context: grpc.ServicerContext
+    ) -> tuple[SiteHandler, Iterator]:
+        """Check the header's site before the weight chunks are read."""
+        first = next(requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "malformed chunk stream: no header first"
+            )
+        return self._handler(first.header.site_id, context), itertools.chain([first], requests)
+
+    @staticmethod
+    def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, MalformedStream):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed chunk stream: {exc}")
+        assert isinstance(exc, SiteCallError)
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        context.abort(code, exc.message)
+
+    def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.SiteInfo:
+        return codec.info_to_proto(self._handler(request.site_id, context).info())
+
+    def Train(
+        self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.TrainReply]:
+        handler, requests = self._peek_site(request_iterator, context)
+        try:
+            call = codec.read_train_requests(requests)
+            log.info("train start site=%s round=%s", call.site_id, call.round_key)
+            update = handler.train(
+                call.round_key, call.schema_fingerprint, call.config, call.weights
+            )
+        except (MalformedStream, SiteCallError) as exc:
+            log.warning("train refused site=%s: %s", handler.site_id, exc)
+            self._abort(context, exc)
+        log.info(
+            "train done site=%s round=%s steps=%d %.2fs",
+            update.site_id,
+            update.round_key,
+            update.steps,
+            update.train_seconds,
+        )
+        yield from codec.train_replies(update)
+
+    def Evaluate(
+        self, request_iterator: Iterator[pb.EvaluateRequest], context: grpc.ServicerContext
+    ) -> pb.EvaluateReply:
+        handler, requests = self._peek_site(request_iterator, context)
+        try:
+            call = codec.read_evaluate_requests(requests)
+            evaluation = handler.evaluate(call.round_key, call.schema_fingerprint, call.weights)
+        except (MalformedStream, SiteCallError) as exc:
+            log.warning("evaluate refused site=%s: %s", handler.site_id, exc)
+            self._abort(context, exc)
+        return codec.evaluation_to_proto(evaluation)

@@ -1,0 +1,56 @@
+"""Fan a call out to many sites at once; failures come back as values, not exceptions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+from twin_core.errors import InvalidWeights, SiteCallError
+from twin_core.federation import Site, SiteFailure
+
+T = TypeVar("T")
+
+
+def run_on_sites(
+    sites: Mapping[str, Site],
+    call: Callable[[Site], T],
+    *,
+    stage: str,
+    timeout: float,
+) -> dict[str, T | SiteFailure]:
+    """Run `call(site)` for every site concurrently; return results by site id (sorted).
+
+    A site that raises SiteCallError or InvalidWeights, or is still running after `timeout`
+    seconds, yields a SiteFailure. Any other exception is a bug and propagates.
+    """
+    results: dict[str, T | SiteFailure] = {}
+    if not sites:
+        return results
+    pool = ThreadPoolExecutor(max_workers=min(len(sites), 64), thread_name_prefix=f"site-{stage}")
+    try:
+        futures = {pool.submit(call, site): site_id for site_id, site in sites.items()}
+        deadline = time.monotonic() + timeout
+        pending = set(futures)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+            for future in done:
+                site_id = futures[future]
+                try:
+                    results[site_id] = future.result()
+                except SiteCallError as exc:
+                    results[site_id] = SiteFailure(site_id, stage, exc.code, exc.message)
+                except InvalidWeights as exc:
+                    results[site_id] = SiteFailure(site_id, stage, "INVALID_UPDATE", str(exc))
+        for future in pending:
+            site_id = futures[future]
+            results[site_id] = SiteFailure(
+                site_id, stage, "DEADLINE_EXCEEDED", f"no answer within {timeout:.0f} s"
+            )
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return {s: results[s] for s in sorted(results)}

@@ -1,0 +1,128 @@
+"""The values that cross between the orchestrator and a site, and the `Site` port.
+
+Everything here is aggregate: counts, sums, metrics and model weights. Nothing can hold a row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twin_core.weights import Weights
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMoments:
+    """Count, sum and sum of squares of one numeric column at one site (or pooled)."""
+
+    column: str
+    count: float
+    sum: float
+    sum_squares: float
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    @property
+    def std(self) -> float:
+        if self.count < 2:
+            return 1.0
+        var = (self.sum_squares - self.sum * self.sum / self.count) / (self.count - 1)
+        return math.sqrt(var) if var > 1e-12 else 1.0
+
+
+def pool_moments(per_site: Iterable[Iterable[ColumnMoments]]) -> dict[str, ColumnMoments]:
+    """Add up the sites' moments column by column (sites in the order given)."""
+    pooled: dict[str, ColumnMoments] = {}
+    for moments in per_site:
+        for m in moments:
+            p = pooled.get(m.column)
+            pooled[m.column] = (
+                m
+                if p is None
+                else ColumnMoments(
+                    m.column, p.count + m.count, p.sum + m.sum, p.sum_squares + m.sum_squares
+                )
+            )
+    return pooled
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    site_id: str
+    task: str
+    schema: dict
+    schema_fingerprint: str
+    units: int
+    train_examples: int
+    holdout_examples: int
+    moments: tuple[ColumnMoments, ...]
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    seed: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """A site's locally trained weights and what it took to get them."""
+
+    site_id: str
+    round_key: str
+    weights: Weights
+    num_examples: int
+    steps: int
+    metrics: dict[str, float]
+    train_seconds: float
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """A site's sufficient statistics of the model on its holdout split."""
+
+    site_id: str
+    round_key: str
+    num_examples: int
+    statistics: dict[str, float]
+    eval_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SiteFailure:
+    """Why a site contributed nothing at one stage of a round. A value, not an exception."""
+
+    site_id: str
+    stage: str
+    code: str
+    reason: str
+
+
+class Site(Protocol):
+    """What the orchestrator can ask of a site, over gRPC or in-process."""
+
+    site_id: str
+
+    def info(self, timeout: float) -> SiteInfo: ...
+
+    def train(
+        self,
+        round_key: str,
+        schema_fingerprint: str,
+        config: TrainConfig,
+        weights: Mapping,
+        timeout: float,
+    ) -> SiteUpdate: ...
+
+    def evaluate(
+        self, round_key: str, schema_fingerprint: str, weights: Mapping, timeout: float
+    ) -> SiteEvaluation: ...

@@ -1,0 +1,63 @@
+"""Validation gates a candidate must pass before it is registered, and the promotion rule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from twin_core.weights import non_finite_tensors
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    passed: bool
+    detail: str
+    facts: dict = field(default_factory=dict)
+
+
+def quorum_gate(succeeded: int, min_sites: int) -> GateResult:
+    passed = succeeded >= min_sites
+    detail = f"{succeeded} site(s) returned a valid update; quorum is {min_sites}"
+    return GateResult(
+        "quorum_met", passed, detail, {"succeeded": succeeded, "min_sites": min_sites}
+    )
+
+
+def finite_gate(weights: Mapping[str, np.ndarray]) -> GateResult:
+    bad = non_finite_tensors(weights)
+    detail = "all weights finite" if not bad else f"non-finite values in {bad}"
+    return GateResult("weights_finite", not bad, detail, {"non_finite_tensors": len(bad)})
+
+
+def allowed_value(champion: float, tolerance: float) -> float:
+    """The worst value a lower-is-better metric may take: champion worsened by `tolerance`."""
+    return champion + tolerance * max(abs(champion), 1e-12)
+
+
+def regression_gate(
+    candidate: float, champion: float | None, tolerance: float, metric: str = "loss"
+) -> GateResult:
+    """Candidate's pooled `metric` (lower is better) may be at most `tolerance` (relative) worse."""
+    name = "no_pooled_regression"
+    if not math.isfinite(candidate):
+        return GateResult(name, False, f"pooled {metric} is {candidate}", {"candidate": candidate})
+    if champion is None:
+        return GateResult(name, True, "no champion yet", {"candidate": candidate})
+    limit = allowed_value(champion, tolerance)
+    passed = candidate <= limit
+    verb = "within" if passed else "worse than"
+    detail = (
+        f"pooled {metric} {candidate:.5g} {verb} the champion's {champion:.5g} "
+        f"(+{tolerance:.1%} allows {limit:.5g})"
+    )
+    facts = {"candidate": candidate, "champion": champion, "limit": limit}
+    return GateResult(name, passed, detail, facts)
+
+
+def beats_champion(candidate: float, champion: float | None) -> bool:
+    """Promotion rule: a passing candidate becomes champion if strictly better (lower)."""
+    return math.isfinite(candidate) and (champion is None or candidate < champion)

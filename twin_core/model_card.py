@@ -1,0 +1,95 @@
+"""The model card a governance reviewer reads on a registered version (markdown)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from twin_core.federation import SiteFailure
+
+_FORECASTS = {
+    "patient_twin": (
+        "A patient twin: a Gaussian forecast (mean and variance) of a patient's next-visit outcome "
+        "from baseline covariates, treatment arm and the observed visit history; rolled forward "
+        "from baseline it gives a whole trajectory, and at arm 0 the control twin."
+    ),
+    "tabular": "A tabular model: the declared target from the declared feature columns.",
+}
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def model_card(
+    *,
+    model_name: str,
+    task: str,
+    round_key: str,
+    strategy: str,
+    site_examples: Mapping[str, int],
+    pooled: Mapping[str, float],
+    per_site: Mapping[str, Mapping[str, float]],
+    failures: Sequence[SiteFailure],
+    schema_fingerprint: str,
+    dagster_run_id: str,
+    champion_loss: float | None,
+    promoted: bool,
+) -> str:
+    metric_names = sorted({k for m in per_site.values() for k in m} | set(pooled))
+    lines = [
+        f"# {model_name}, round {round_key}",
+        "",
+        f"**What it forecasts.** {_FORECASTS.get(task, task)}",
+        "",
+        f"**How it was trained.** Federated: {strategy} over {len(site_examples)} site(s); no "
+        "patient row left any site. Only weights, counts and aggregate statistics were exchanged.",
+        f"Dagster run `{dagster_run_id}`; data schema `{schema_fingerprint}`.",
+        "",
+        "## Sites in training",
+        "",
+        "| site | training examples |",
+        "|---|---|",
+        *(f"| {s} | {n} |" for s, n in sorted(site_examples.items())),
+    ]
+    if failures:
+        lines += ["", "Sites that contributed nothing this round:", ""]
+        lines += [f"- {f.site_id} ({f.stage}): {f.code}: {f.reason}" for f in failures]
+    header = "| | " + " | ".join(metric_names) + " |"
+    lines += [
+        "",
+        "## Validation (holdout split of each site)",
+        "",
+        header,
+        "|---" * (len(metric_names) + 1) + "|",
+    ]
+    lines.append(
+        "| **pooled** | "
+        + " | ".join(_fmt(pooled[k]) if k in pooled else "" for k in metric_names)
+        + " |"
+    )
+    for site_id, metrics in sorted(per_site.items()):
+        lines.append(
+            f"| {site_id} | "
+            + " | ".join(_fmt(metrics[k]) if k in metrics else "" for k in metric_names)
+            + " |"
+        )
+    verdict = "promoted to **champion**" if promoted else "registered as **challenger**"
+    before = (
+        "no champion before"
+        if champion_loss is None
+        else f"champion's pooled loss was {_fmt(champion_loss)}"
+    )
+    lines += [
+        "",
+        "## Promotion",
+        "",
+        f"Passed every gate (finite weights, quorum, no pooled regression); {verdict} ({before}).",
+        "",
+        "## Known limitations",
+        "",
+        "- Validated on each site's own holdout split, not on sites outside the federation.",
+        "- Sites with few patients weigh little in FedAvg and may be served worse than large "
+        "sites; check the per-site rows above.",
+        "- Metrics describe the data the sites hold now; drift at a site can invalidate them.",
+    ]
+    return "\n".join(lines)

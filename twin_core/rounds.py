@@ -1,0 +1,86 @@
+"""The values a round passes from step to step, and the pure functions between them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from twin_core.federation import ColumnMoments, SiteEvaluation, SiteFailure
+from twin_core.selection import Selection
+
+if TYPE_CHECKING:
+    from twin_core.tasks import Task
+
+
+def site_seed(seed: int, round_key: str, site_id: str) -> int:
+    """A site's training seed for a round: fixed by the campaign seed, distinct per site/round."""
+    digest = hashlib.sha256(f"{seed}/{round_key}/{site_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_key: str
+    selection: Selection
+    schema: dict
+    moments: dict[str, ColumnMoments]
+    start_path: str  # weights every chosen site starts from
+    start_round: str | None  # the round whose candidate that is (None: seeded initialisation)
+    start_sha256: str
+    config: dict  # the round's run config, as set in the launchpad
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """A validated update, persisted at `path`, and what the site said about it."""
+
+    site_id: str
+    path: str
+    num_examples: int
+    steps: int
+    metrics: dict[str, float]
+    train_seconds: float
+    delta_norm: float
+
+
+@dataclass(frozen=True)
+class RoundUpdates:
+    updates: tuple[UpdateRecord, ...]
+    failures: tuple[SiteFailure, ...]
+
+    @property
+    def total_examples(self) -> int:
+        return sum(u.num_examples for u in self.updates)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    round_key: str
+    path: str
+    sha256: str
+    parameters: int
+    sites: tuple[str, ...]
+    site_examples: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RoundEvaluation:
+    pooled: dict[str, float]
+    per_site: dict[str, dict[str, float]]
+    examples: dict[str, int]
+    failures: tuple[SiteFailure, ...] = field(default=())
+
+
+def pool_evaluations(task: Task, evaluations: Mapping[str, SiteEvaluation]) -> RoundEvaluation:
+    """Pooled metrics from summed sufficient statistics (sites added in sorted order)."""
+    totals = dict.fromkeys(task.statistic_names, 0.0)
+    per_site: dict[str, dict[str, float]] = {}
+    for site_id in sorted(evaluations):
+        stats = evaluations[site_id].statistics
+        for name in task.statistic_names:
+            totals[name] += float(stats.get(name, 0.0))
+        per_site[site_id] = task.metrics(stats)
+    examples = {s: evaluations[s].num_examples for s in sorted(evaluations)}
+    return RoundEvaluation(task.metrics(totals), per_site, examples)

@@ -1,0 +1,104 @@
+"""What is trained: a task names its model, loss and metrics, behind one small seam.
+
+A task turns a site's checked table into tensors (`prepare`), builds the model from pooled
+column moments (`build_model`), scores a batch (`loss`), and evaluates a model as sufficient
+statistics (`statistics`) that add up across sites into pooled metrics (`metrics`). The
+orchestrator only ever calls `build_model` and `metrics`; the data-facing parts run at the site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
+
+from twin_core.federation import ColumnMoments
+from twin_core.schema import DataSchema
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A site's data as tensors: a training set, a task-specific holdout, and aggregates."""
+
+    train: TensorDataset
+    holdout: Any
+    units: int
+    train_examples: int
+    holdout_examples: int
+    moments: tuple[ColumnMoments, ...]
+
+
+class Task(Protocol):
+    name: str
+    schema: DataSchema
+    statistic_names: tuple[str, ...]
+
+    def prepare(
+        self, frame: pd.DataFrame, holdout_fraction: float, split_seed: int
+    ) -> PreparedData:
+        """Tensors from a table already held to the schema (see schema.check_frame)."""
+        ...
+
+    def build_model(self, moments: Mapping[str, ColumnMoments], seed: int) -> torch.nn.Module:
+        """A freshly initialised model; `moments` fix its input standardisation."""
+        ...
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean training loss over a batch of `prepare(...).train`."""
+        ...
+
+    def statistics(self, model: torch.nn.Module, holdout: Any) -> dict[str, float]:
+        """Sums over the holdout, one per name in `statistic_names`."""
+        ...
+
+    def metrics(self, statistics: Mapping[str, float]) -> dict[str, float]:
+        """Metrics from (pooled) statistics; always includes "loss"."""
+        ...
+
+
+def split_units(units: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask over sorted unique `units`: True for the holdout split.
+
+    Splits by unit (patient), never by row, so a patient's visits are all on one side.
+    At least one unit is held out and at least one kept when there are two or more.
+    """
+    n = len(units)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    k = int(round(holdout_fraction * n))
+    k = min(max(k, 1), n - 1) if n >= 2 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def column_moments(column: str, values: np.ndarray) -> ColumnMoments:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return ColumnMoments(column, float(v.size), float(v.sum()), float(np.dot(v, v)))
+
+
+def moment_stats(
+    moments: Mapping[str, ColumnMoments], columns: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation tensors for `columns` (0 and 1 where unknown)."""
+    mean = [moments[c].mean if c in moments else 0.0 for c in columns]
+    std = [moments[c].std if c in moments else 1.0 for c in columns]
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def task_for(schema: DataSchema) -> Task:
+    """The task a schema names."""
+    if schema.task == "patient_twin":
+        from twin_core.tasks.patient_twin import PatientTwinTask
+
+        return PatientTwinTask(schema)
+    from twin_core.tasks.tabular import TabularTask
+
+    return TabularTask(schema)

@@ -1,0 +1,1 @@
+"""The orchestrator: a Dagster code location that runs federated rounds across site workers."""

@@ -1,0 +1,3 @@
+from twin_pipelines.cli import main
+
+raise SystemExit(main())

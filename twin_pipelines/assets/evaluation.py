@@ -1,0 +1,119 @@
+"""round_evaluation: the candidate evaluated at every compatible site, pooled from statistics."""
+
+import math
+from dataclasses import asdict, replace
+
+import dagster as dg
+
+from twin_core.dispatch import run_on_sites
+from twin_core.errors import SiteCallError
+from twin_core.federation import Site, SiteEvaluation, SiteFailure
+from twin_core.gates import regression_gate
+from twin_core.rounds import Candidate, RoundPlan, pool_evaluations
+from twin_core.schema import parse_schema
+from twin_pipelines.config import RoundConfig
+from twin_pipelines.metadata import failure_lines, table
+from twin_pipelines.partitions import fl_round
+from twin_pipelines.resources import Fleet, MlflowRegistry, RoundStore
+
+
+def _checked(task, evaluation: SiteEvaluation) -> SiteEvaluation:
+    """Accept only the task's declared statistics, all finite: nothing else may come back."""
+    names = set(evaluation.statistics)
+    if names != set(task.statistic_names):
+        raise SiteCallError(
+            evaluation.site_id,
+            "MALFORMED_REPLY",
+            f"statistics {sorted(names)} are not the task's {sorted(task.statistic_names)}",
+        )
+    if not all(math.isfinite(v) for v in evaluation.statistics.values()):
+        raise SiteCallError(evaluation.site_id, "MALFORMED_REPLY", "non-finite statistics")
+    return evaluation
+
+
+@dg.asset(
+    partitions_def=fl_round,
+    group_name="fl_round",
+    kinds={"python"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "no_pooled_regression",
+            asset="round_evaluation",
+            blocking=True,
+            description="pooled loss not worse than the champion's beyond tolerance",
+        )
+    ],
+)
+def round_evaluation(
+    context: dg.AssetExecutionContext,
+    round_plan: RoundPlan,
+    global_model: Candidate,
+    fleet: dg.ResourceParam[Fleet],
+    store: RoundStore,
+    registry: MlflowRegistry,
+):
+    """Federated evaluation of the candidate on each compatible site's holdout split."""
+    from twin_core.tasks import task_for
+
+    config = RoundConfig(**round_plan.config)
+    task = task_for(parse_schema(round_plan.schema))
+    weights = store.load(global_model.path).weights
+    sites = fleet.sites()
+    targets: dict[str, Site] = {s: sites[s] for s in round_plan.selection.compatible if s in sites}
+
+    def evaluate(site: Site) -> SiteEvaluation:
+        return _checked(
+            task,
+            site.evaluate(
+                round_plan.round_key,
+                round_plan.selection.schema_fingerprint,
+                weights,
+                config.eval_timeout_s,
+            ),
+        )
+
+    results = run_on_sites(targets, evaluate, stage="evaluate", timeout=config.eval_timeout_s + 10)
+    evaluations = {s: r for s, r in results.items() if isinstance(r, SiteEvaluation)}
+    failures = tuple(r for r in results.values() if isinstance(r, SiteFailure))
+    if not evaluations:
+        raise dg.Failure(f"no site could evaluate the candidate: {failure_lines(failures)}")
+    evaluation = replace(pool_evaluations(task, evaluations), failures=failures)
+    store.write_json(round_plan.round_key, "evaluation.json", asdict(evaluation))
+    champion = registry.champion()
+    gate = regression_gate(
+        evaluation.pooled["loss"],
+        champion.pooled_loss if champion else None,
+        config.regression_tolerance,
+    )
+    metric_names = sorted(evaluation.pooled)
+    rows = [
+        {"site": s, "examples": evaluation.examples[s], **evaluation.per_site[s]}
+        for s in evaluation.per_site
+    ]
+    rows += [{"site": f.site_id, "error": f"{f.code}: {f.reason}"} for f in failures]
+    yield dg.Output(
+        evaluation,
+        metadata={
+            **{
+                f"pooled_{k}": dg.MetadataValue.float(float(v))
+                for k, v in evaluation.pooled.items()
+            },
+            "sites": table(
+                [("site", "string"), ("examples", "int")]
+                + [(k, "float") for k in metric_names]
+                + [("error", "string")],
+                sorted(rows, key=lambda r: r["site"]),
+            ),
+            "evaluated_sites": len(evaluations),
+            "champion_pooled_loss": champion.pooled_loss
+            if champion and champion.pooled_loss is not None
+            else dg.MetadataValue.text("no champion yet"),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_pooled_regression",
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=gate.detail,
+        metadata={k: float(v) for k, v in gate.facts.items()},
+    )

@@ -1,0 +1,140 @@
+"""registered_model: the passing candidate as an MLflow run and a registered model version."""
+
+import functools
+import json
+import subprocess
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import dagster as dg
+
+from twin_core.gates import beats_champion
+from twin_core.model_card import model_card
+from twin_core.rounds import Candidate, RoundEvaluation, RoundPlan, RoundUpdates
+from twin_core.schema import parse_schema
+from twin_pipelines.config import RoundConfig
+from twin_pipelines.partitions import fl_round, round_number
+from twin_pipelines.resources import MlflowRegistry, RoundStore
+
+
+@functools.cache
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        own = version("twin-pipelines")
+    except PackageNotFoundError:
+        own = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return own
+    return f"{own}+g{commit}"
+
+
+@dg.asset(partitions_def=fl_round, group_name="fl_round", kinds={"mlflow"})
+def registered_model(
+    context: dg.AssetExecutionContext,
+    round_plan: RoundPlan,
+    site_updates: RoundUpdates,
+    global_model: Candidate,
+    round_evaluation: RoundEvaluation,
+    store: RoundStore,
+    registry: MlflowRegistry,
+) -> dg.Output[dict]:
+    """Register the candidate (it passed every gate): lineage tags, model card, aliases."""
+    from twin_core.tasks import task_for
+    from twin_core.training import load_weights_into
+
+    key = round_plan.round_key
+    config = RoundConfig(**round_plan.config)
+    task = task_for(parse_schema(round_plan.schema))
+    model = task.build_model(round_plan.moments, seed=0)
+    load_weights_into(model, store.load(global_model.path).weights)
+    pooled = round_evaluation.pooled
+    champion = registry.champion()
+    champion_loss = champion.pooled_loss if champion else None
+    promote = beats_champion(pooled["loss"], champion_loss)
+    failures = site_updates.failures + round_evaluation.failures
+    lineage = {
+        "twin.round": key,
+        "twin.dagster_run_id": context.run_id,
+        "twin.sites": ",".join(global_model.sites),
+        "twin.site_examples": json.dumps(global_model.site_examples, sort_keys=True),
+        "twin.strategy": config.strategy,
+        "twin.task": task.name,
+        "twin.schema_fingerprint": round_plan.selection.schema_fingerprint or "",
+        "twin.pooled_loss": repr(float(pooled["loss"])),
+        "twin.weights_sha256": global_model.sha256,
+        "twin.started_from": round_plan.start_round or "seeded initialisation",
+        "twin.code_version": code_version(),
+    }
+    registered = registry.register_round(
+        round_key=key,
+        step=round_number(key),
+        model=model,
+        params={
+            **config.model_dump(),
+            "round": key,
+            "sites": ",".join(global_model.sites),
+            "task": task.name,
+        },
+        metrics={
+            **{f"pooled_{k}": v for k, v in pooled.items()},
+            **{
+                f"site/{s}/{k}": v
+                for s, m in round_evaluation.per_site.items()
+                for k, v in m.items()
+            },
+            **{
+                f"train/{u.site_id}/{k}": v
+                for u in site_updates.updates
+                for k, v in u.metrics.items()
+            },
+            "examples_total": float(site_updates.total_examples),
+        },
+        run_tags={"twin.round": key, "twin.dagster_run_id": context.run_id},
+        version_tags=lineage,
+        artifacts={
+            "round_plan.json": json.loads(json.dumps(asdict(round_plan), default=str)),
+            "round_evaluation.json": asdict(round_evaluation),
+            "site_updates.json": asdict(site_updates),
+        },
+        description=model_card(
+            model_name=registry.model_name,
+            task=task.name,
+            round_key=key,
+            strategy=config.strategy,
+            site_examples=global_model.site_examples,
+            pooled=pooled,
+            per_site=round_evaluation.per_site,
+            failures=failures,
+            schema_fingerprint=lineage["twin.schema_fingerprint"],
+            dagster_run_id=context.run_id,
+            champion_loss=champion_loss,
+            promoted=promote,
+        ),
+        promote=promote,
+    )
+    store.mark_passed(
+        key, global_model.path, global_model.sha256, lineage["twin.schema_fingerprint"]
+    )
+    result = asdict(registered)
+    return dg.Output(
+        result,
+        metadata={
+            "model": f"{registered.model_name} v{registered.version}",
+            "version": int(registered.version),
+            "aliases": "champion, challenger" if promote else "challenger",
+            "promoted": promote,
+            "mlflow_run": dg.MetadataValue.url(registered.run_url),
+            "mlflow_version": dg.MetadataValue.url(registered.version_url),
+        },
+    )

@@ -1,0 +1,270 @@
+"""round_plan -> site_updates -> global_model: who trains, their updates, the candidate."""
+
+from dataclasses import asdict
+
+import dagster as dg
+
+from twin_core.aggregation import WeightedMean
+from twin_core.dispatch import run_on_sites
+from twin_core.errors import InvalidWeights
+from twin_core.federation import Site, SiteFailure, SiteInfo, pool_moments
+from twin_core.gates import finite_gate, quorum_gate
+from twin_core.rounds import Candidate, RoundPlan, RoundUpdates, UpdateRecord, site_seed
+from twin_core.schema import parse_schema
+from twin_core.selection import select_sites
+from twin_core.weights import check_update
+from twin_pipelines.config import RoundConfig
+from twin_pipelines.metadata import failure_lines, table
+from twin_pipelines.partitions import fl_round
+from twin_pipelines.resources import Fleet, RoundStore
+
+GROUP = "fl_round"
+
+
+@dg.asset(partitions_def=fl_round, group_name=GROUP, kinds={"python"})
+def round_plan(
+    context: dg.AssetExecutionContext,
+    config: RoundConfig,
+    fleet: dg.ResourceParam[Fleet],
+    store: RoundStore,
+) -> dg.Output[RoundPlan]:
+    """Ask every site for its info, choose the healthy ones, fix the model the round starts from."""
+    key = context.partition_key
+    if problems := config.problems():
+        raise dg.Failure(f"invalid round config: {'; '.join(problems)}")
+    answers = run_on_sites(
+        fleet.sites(),
+        lambda s: s.info(config.info_timeout_s),
+        stage="info",
+        timeout=config.info_timeout_s + 2,
+    )
+    latest = store.latest_passed()
+    selection = select_sites(
+        answers,
+        expected_fingerprint=latest["schema_fingerprint"] if latest else None,
+        max_sites=config.max_sites or None,
+    )
+    if len(selection.chosen) < config.min_sites:
+        raise dg.Failure(
+            f"round {key} needs {config.min_sites} healthy site(s), found {len(selection.chosen)}: "
+            + "; ".join(f"{d.site_id}: {d.reason}" for d in selection.decisions if not d.chosen),
+        )
+    infos = {s: a for s, a in answers.items() if isinstance(a, SiteInfo)}
+    schema = infos[selection.chosen[0]].schema
+    moments = pool_moments(infos[s].moments for s in selection.chosen)
+    if latest:
+        start_path, start_round, start_sha = latest["path"], latest["round"], latest["sha256"]
+    else:
+        from twin_core.tasks import task_for
+        from twin_core.training import weights_of
+
+        model = task_for(parse_schema(schema)).build_model(moments, config.seed)
+        path, manifest = store.save_weights(
+            key, "start.twt", weights_of(model), {"seed": config.seed}
+        )
+        start_path, start_round, start_sha = str(path), None, manifest.sha256
+    plan = RoundPlan(
+        key, selection, schema, moments, start_path, start_round, start_sha, config.model_dump()
+    )
+    store.write_json(key, "plan.json", asdict(plan))
+    return dg.Output(
+        plan,
+        metadata={
+            "sites": table(
+                [
+                    ("site", "string"),
+                    ("chosen", "bool"),
+                    ("reason", "string"),
+                    ("train_examples", "int"),
+                ],
+                (
+                    {
+                        "site": d.site_id,
+                        "chosen": d.chosen,
+                        "reason": d.reason,
+                        "train_examples": d.examples,
+                    }
+                    for d in selection.decisions
+                ),
+            ),
+            "chosen_sites": len(selection.chosen),
+            "skipped_sites": len(selection.decisions) - len(selection.chosen),
+            "schema_fingerprint": selection.schema_fingerprint or "",
+            "starts_from": start_round or f"seeded initialisation (seed {config.seed})",
+        },
+    )
+
+
+def _train_and_persist(
+    site: Site, plan: RoundPlan, config: RoundConfig, start, store: RoundStore
+) -> UpdateRecord:
+    """One site's part of a round: train remotely, validate, persist. Raises on any problem."""
+    key = plan.round_key
+    train_config = config.train_config(site_seed(config.seed, key, site.site_id))
+    update = site.train(
+        key, plan.selection.schema_fingerprint, train_config, start.weights, config.train_timeout_s
+    )
+    try:
+        if update.num_examples <= 0:
+            raise InvalidWeights(f"update claims {update.num_examples} training examples")
+        norm = check_update(update.weights, start.weights, config.max_update_norm)
+    except InvalidWeights as exc:
+        store.save_rejected(key, site.site_id, update.weights, str(exc))
+        raise
+    meta = {"num_examples": update.num_examples, "steps": update.steps, "metrics": update.metrics}
+    path = store.save_update(key, site.site_id, update.weights, meta)
+    return UpdateRecord(
+        site.site_id,
+        str(path),
+        update.num_examples,
+        update.steps,
+        update.metrics,
+        update.train_seconds,
+        norm,
+    )
+
+
+@dg.asset(
+    partitions_def=fl_round,
+    group_name=GROUP,
+    kinds={"python"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "quorum_met",
+            asset="site_updates",
+            blocking=True,
+            description="at least min_sites valid updates",
+        )
+    ],
+)
+def site_updates(
+    context: dg.AssetExecutionContext,
+    round_plan: RoundPlan,
+    fleet: dg.ResourceParam[Fleet],
+    store: RoundStore,
+):
+    """Send the start model to every chosen site, collect, validate and persist their updates."""
+    config = RoundConfig(**round_plan.config)
+    start = store.load(round_plan.start_path)
+    store.clear_updates(round_plan.round_key)
+    sites = fleet.sites()
+    missing = [
+        SiteFailure(s, "train", "NOT_IN_FLEET", "no longer listed in the fleet")
+        for s in round_plan.selection.chosen
+        if s not in sites
+    ]
+    results = run_on_sites(
+        {s: sites[s] for s in round_plan.selection.chosen if s in sites},
+        lambda site: _train_and_persist(site, round_plan, config, start, store),
+        stage="train",
+        timeout=config.train_timeout_s + 10,
+    )
+    updates = RoundUpdates(
+        tuple(r for r in results.values() if isinstance(r, UpdateRecord)),
+        tuple(missing) + tuple(r for r in results.values() if isinstance(r, SiteFailure)),
+    )
+    for failure in updates.failures:
+        context.log.warning(f"site {failure.site_id} failed: {failure.code}: {failure.reason}")
+    gate = quorum_gate(len(updates.updates), config.min_sites)
+    rows = [
+        {
+            "site": u.site_id,
+            "status": "ok",
+            "examples": u.num_examples,
+            "steps": u.steps,
+            "train_loss": u.metrics.get("train_loss"),
+            "seconds": round(u.train_seconds, 3),
+            "delta_norm": u.delta_norm,
+        }
+        for u in updates.updates
+    ]
+    rows += [{"site": f.site_id, "status": f"{f.code}: {f.reason}"} for f in updates.failures]
+    yield dg.Output(
+        updates,
+        metadata={
+            "sites": table(
+                [
+                    ("site", "string"),
+                    ("status", "string"),
+                    ("examples", "int"),
+                    ("steps", "int"),
+                    ("train_loss", "float"),
+                    ("seconds", "float"),
+                    ("delta_norm", "float"),
+                ],
+                sorted(rows, key=lambda r: r["site"]),
+            ),
+            "succeeded": len(updates.updates),
+            "failed": len(updates.failures),
+            "total_examples": updates.total_examples,
+        },
+    )
+    description = gate.detail + (
+        f"; failures: {failure_lines(updates.failures)}" if updates.failures else ""
+    )
+    yield dg.AssetCheckResult(
+        check_name="quorum_met",
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata=gate.facts,
+    )
+
+
+@dg.asset(
+    partitions_def=fl_round,
+    group_name=GROUP,
+    kinds={"pytorch"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            "weights_finite",
+            asset="global_model",
+            blocking=True,
+            description="no NaN or infinity in the candidate",
+        )
+    ],
+)
+def global_model(
+    context: dg.AssetExecutionContext,
+    round_plan: RoundPlan,
+    site_updates: RoundUpdates,
+    store: RoundStore,
+):
+    """FedAvg of the persisted updates: weighted by examples, float64, in sorted site order."""
+    mean = WeightedMean()
+    for record in sorted(site_updates.updates, key=lambda u: u.site_id):
+        mean.add(store.load(record.path).weights, record.num_examples)
+    weights = mean.result()
+    site_examples = {u.site_id: u.num_examples for u in site_updates.updates}
+    path, manifest = store.save_weights(
+        round_plan.round_key,
+        "candidate.twt",
+        weights,
+        {"strategy": "fedavg", "site_examples": site_examples},
+    )
+    candidate = Candidate(
+        round_plan.round_key,
+        str(path),
+        manifest.sha256,
+        sum(int(w.size) for w in weights.values()),
+        tuple(sorted(site_examples)),
+        site_examples,
+    )
+    gate = finite_gate(weights)
+    yield dg.Output(
+        candidate,
+        metadata={
+            "strategy": "fedavg",
+            "sites": len(site_examples),
+            "parameters": candidate.parameters,
+            "sha256": manifest.sha256,
+            "path": dg.MetadataValue.path(str(path)),
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="weights_finite",
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=gate.detail,
+        metadata=gate.facts,
+    )

@@ -1,0 +1,280 @@
+"""`twin`: the embedded default in one command each.
+
+twin demo [--rounds 3]   cohort -> 5 local site workers -> rounds through Dagster -> MLflow
+twin ui                  site workers + MLflow UI + Dagster UI (dagster dev), until Ctrl-C
+twin cohort OUT          write the synthetic cohort (site files, truth apart, schema)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twin_pipelines.home import TwinHome
+
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DAGSTER_DISABLE_TELEMETRY": "1",
+    "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+DAGSTER_URL, MLFLOW_URL = "http://127.0.0.1:3000", "http://127.0.0.1:5000"
+
+
+def _prepare_env(home: TwinHome) -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ["TWIN_HOME"] = str(home.root)
+    os.environ["DAGSTER_HOME"] = str(home.ensure_dagster_home())
+    os.environ.setdefault("MLFLOW_TRACKING_URI", home.tracking_uri)
+    home.mlflow_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _ensure_cohort(home: TwinHome, seed: int) -> Path:
+    from twin_core.cohort import CohortConfig, generate_cohort, write_cohort
+
+    marker = home.cohort / "truth" / "summary.json"
+    if not marker.exists():
+        write_cohort(generate_cohort(CohortConfig(seed=seed)), home.cohort)
+    return home.cohort
+
+
+def _launches(home: TwinHome, seed: int, n_sites: int):
+    from twin_pipelines.local_fleet import SiteLaunch
+
+    cohort = _ensure_cohort(home, seed)
+    files = sorted((cohort / "sites").glob("*.csv"))[:n_sites]
+    return [SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml") for f in files]
+
+
+_COLUMNS = (
+    "round",
+    "sites",
+    "failed",
+    "pooled loss",
+    "pooled MAE",
+    "cover90",
+    "seconds",
+    "registered",
+)
+_ROW = "{:<7}{:>6}{:>8}{:>13}{:>12}{:>9}{:>9}  {}"
+
+
+def _round_row(r, seconds: float) -> str:
+    def num(key: str, digits: int = 4) -> str:
+        return f"{r.pooled[key]:.{digits}f}" if key in r.pooled else "-"
+
+    reg = r.registered
+    if reg:
+        role = "champion" if reg["promoted"] else "challenger"
+        label = f"{reg['model_name']} v{reg['version']} ({role})"
+    else:
+        label = f"nothing: {r.error}"
+    return _ROW.format(
+        r.round_key,
+        len(r.sites),
+        len(r.failed_sites),
+        num("loss"),
+        num("mae"),
+        num("coverage90", 3),
+        f"{seconds:.2f}",
+        label,
+    )
+
+
+def demo(args: argparse.Namespace) -> int:
+    home = TwinHome.from_env()
+    if args.fresh and home.root.exists():
+        shutil.rmtree(home.root)
+    _prepare_env(home)
+    import dagster as dg
+
+    from twin_pipelines.campaign import RoundResult, run_campaign
+    from twin_pipelines.config import RoundConfig
+    from twin_pipelines.definitions import build_definitions, resources_from_env
+    from twin_pipelines.local_fleet import LocalFleet
+    from twin_pipelines.resources import GrpcFleet
+
+    print(f"Twin Pipelines demo: embedded default under {home.root}")
+    print("Mode: local/dev (insecure localhost gRPC channels; no patient row leaves a site worker)")
+    started = time.perf_counter()
+    with LocalFleet(home.sites_dir) as fleet:
+        endpoints = fleet.start(_launches(home, args.seed, args.sites))
+        fleet.write_sites_file(home.sites_file)
+        print(
+            f"Started {len(endpoints)} site workers ({time.perf_counter() - started:.1f} s): "
+            + ", ".join(f"{s}@{a}" for s, a in endpoints.items())
+        )
+        resources = resources_from_env()
+        resources["fleet"] = GrpcFleet(endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()))
+        defs = build_definitions(**resources)
+        config = RoundConfig(
+            seed=args.seed, local_epochs=args.local_epochs, min_sites=args.min_sites
+        )
+        print("\n" + _ROW.format(*_COLUMNS) + "\n" + "-" * 96)
+        clock = [time.perf_counter()]
+
+        def report(r: RoundResult) -> None:
+            now = time.perf_counter()
+            print(_round_row(r, now - clock[0]), flush=True)
+            clock[0] = now
+
+        with dg.DagsterInstance.get() as instance:
+            results = run_campaign(
+                defs, instance, args.rounds, config, on_round=report, log_level=args.log_level
+            )
+    ok = all(r.success for r in results)
+    losses = [r.pooled["loss"] for r in results if "loss" in r.pooled]
+    if len(losses) >= 2:
+        trend = "fell" if losses[-1] < losses[0] else "did not fall"
+        print(f"\nPooled validation loss {trend}: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"Done in {time.perf_counter() - started:.1f} s.\n")
+    print("Where to look next:")
+    print(
+        f"  make ui        Dagster UI {DAGSTER_URL} (asset group fl_round: runs, metadata, checks)"
+    )
+    print(
+        f"                 MLflow UI  {MLFLOW_URL} (Models -> patient-twin: versions, model cards)"
+    )
+    print(f"  {home.rounds}   plans, persisted updates and candidates per round")
+    print(f"  {home.cohort}   the synthetic cohort (truth/ is never read by training)")
+    return 0 if ok else 1
+
+
+def _spawn(cmd: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
+def _workspace_dir() -> Path:
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (candidate / "workspace.yaml").exists():
+            return candidate
+    raise SystemExit("workspace.yaml not found: run `twin ui` from the project folder")
+
+
+def ui(args: argparse.Namespace) -> int:
+    home = TwinHome.from_env()
+    _prepare_env(home)
+    from twin_pipelines.local_fleet import LocalFleet
+
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    workspace = _workspace_dir()
+    children: list[subprocess.Popen] = []
+    with LocalFleet(home.sites_dir) as fleet:
+        endpoints = fleet.start(_launches(home, args.seed, args.sites))
+        os.environ["TWIN_SITES_FILE"] = str(fleet.write_sites_file(home.sites_file))
+        print("Site workers: " + ", ".join(f"{s}@{a}" for s, a in endpoints.items()))
+        bin_dir = Path(sys.executable).parent
+        children.append(
+            _spawn(
+                [
+                    str(bin_dir / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    home.tracking_uri,
+                    "--default-artifact-root",
+                    home.artifact_root.resolve().as_uri(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.mlflow_port),
+                ],
+                home.root / "logs" / "mlflow.log",
+            )
+        )
+        children.append(
+            _spawn(
+                [
+                    str(bin_dir / "dagster"),
+                    "dev",
+                    "-w",
+                    str(workspace / "workspace.yaml"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(args.dagster_port),
+                ],
+                home.root / "logs" / "dagster.log",
+                cwd=workspace,
+            )
+        )
+        print(
+            f"Dagster UI: http://127.0.0.1:{args.dagster_port}  (Jobs -> fl_campaign_job -> "
+            "Launchpad starts a campaign; Assets -> fl_round shows rounds)"
+        )
+        print(f"MLflow UI:  http://127.0.0.1:{args.mlflow_port}  (Models -> patient-twin)")
+        print(f"Logs in {home.root / 'logs'}; Ctrl-C stops everything.")
+        stop = {"now": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        try:
+            while not stop["now"] and all(c.poll() is None for c in children):
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    os.killpg(child.pid, signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(child.pid, signal.SIGKILL)
+    return 0
+
+
+def cohort(args: argparse.Namespace) -> int:
+    from twin_core.cohort import CohortConfig, DriftSpec, generate_cohort, write_cohort
+
+    config = CohortConfig(seed=args.seed, drift=tuple(DriftSpec.parse(d) for d in args.drift or ()))
+    paths = write_cohort(generate_cohort(config), Path(args.out))
+    for name, path in paths.items():
+        print(f"{name:<8} {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="twin", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a federated campaign on the synthetic cohort")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sites", type=int, default=5, help="how many of the cohort's sites take part")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--min-sites", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="delete TWIN_HOME first")
+    p.add_argument("--log-level", default="WARNING", help="Dagster console log level")
+    p.set_defaults(run=demo)
+    p = sub.add_parser("ui", help="start site workers, the MLflow UI and the Dagster UI")
+    p.add_argument("--sites", type=int, default=5)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--dagster-port", type=int, default=3000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(run=ui)
+    p = sub.add_parser("cohort", help="write the synthetic multi-site cohort")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--drift", action="append", help="e.g. site-3:covariate_severity:200")
+    p.set_defaults(run=cohort)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

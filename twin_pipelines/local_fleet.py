@@ -1,0 +1,166 @@
+"""Start and stop site workers as local processes: the embedded default's fleet.
+
+Each worker is a real `python -m site_worker` process on a free localhost port, exactly as a
+hospital would run it, with its own state folder and log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from twin_core.errors import SiteCallError, TwinError
+
+
+class FleetStartError(TwinError):
+    """A local site worker did not come up; the message carries the end of its log."""
+
+
+@dataclass(frozen=True)
+class SiteLaunch:
+    """How to start one site worker: its data (a file and schema, or synthetic) and options."""
+
+    site_id: str
+    data: Path | None = None
+    schema: Path | None = None
+    synthetic: bool = False
+    cohort_seed: int = 7
+    extra_args: tuple[str, ...] = ()
+
+    def args(self) -> list[str]:
+        out = ["--site-id", self.site_id]
+        if self.synthetic:
+            out += ["--synthetic", "--cohort-seed", str(self.cohort_seed)]
+        else:
+            out += ["--data", str(self.data), "--schema", str(self.schema)]
+        return out + list(self.extra_args)
+
+
+@dataclass
+class LocalSite:
+    site_id: str
+    process: subprocess.Popen
+    state_dir: Path
+    log_path: Path
+    port: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@dataclass
+class LocalFleet:
+    """A set of running local site workers. Use as a context manager to stop them for sure."""
+
+    root: Path
+    sites: dict[str, LocalSite] = field(default_factory=dict)
+
+    def start(self, launches: list[SiteLaunch], timeout: float = 180.0) -> dict[str, str]:
+        """Start every worker, wait until each answers its health check; return addresses."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for launch in launches:
+            state = self.root / launch.site_id
+            state.mkdir(parents=True, exist_ok=True)
+            ready = state / "port"
+            ready.unlink(missing_ok=True)
+            log_path = state / "worker.log"
+            with open(log_path, "ab") as log:
+                process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "site_worker",
+                        *launch.args(),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        "0",
+                        "--state-dir",
+                        str(state),
+                        "--ready-file",
+                        str(ready),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+            self.sites[launch.site_id] = LocalSite(launch.site_id, process, state, log_path)
+        deadline = time.monotonic() + timeout
+        for site in self.sites.values():
+            self._await_ready(site, deadline)
+        return self.endpoints()
+
+    def _await_ready(self, site: LocalSite, deadline: float) -> None:
+        from twin_wire.client import GrpcSite
+
+        ready = site.state_dir / "port"
+        while not ready.exists():
+            if site.process.poll() is not None:
+                raise FleetStartError(
+                    f"site worker {site.site_id} exited with code {site.process.returncode}:\n"
+                    f"{site.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise FleetStartError(
+                    f"site worker {site.site_id} not ready in time:\n{site.log_tail()}"
+                )
+            time.sleep(0.05)
+        site.port = int(ready.read_text())
+        client = GrpcSite(site.site_id, site.address)
+        try:
+            client.wait_healthy(timeout=max(1.0, deadline - time.monotonic()))
+        except SiteCallError as exc:
+            raise FleetStartError(f"{exc}\n{site.log_tail()}") from None
+        finally:
+            client.close()
+
+    def endpoints(self) -> dict[str, str]:
+        return {s: site.address for s, site in sorted(self.sites.items()) if site.port}
+
+    def write_sites_file(self, path: Path) -> Path:
+        doc = {"sites": [{"id": s, "address": a} for s, a in self.endpoints().items()]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def kill(self, site_id: str) -> None:
+        """SIGKILL one worker at once (a crash, for failure drills)."""
+        site = self.sites[site_id]
+        if site.process.poll() is None:
+            os.killpg(site.process.pid, signal.SIGKILL)
+            site.process.wait(timeout=10)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every worker (they finish running calls), then SIGKILL stragglers."""
+        for site in self.sites.values():
+            if site.process.poll() is None:
+                os.killpg(site.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for site in self.sites.values():
+            try:
+                site.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(site.process.pid, signal.SIGKILL)
+                site.process.wait(timeout=10)
+
+    def __enter__(self) -> LocalFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,142 @@
+"""The MLflow model registry: one MLflow run per round, one registered version per passing
+candidate, aliases `challenger` (latest passing) and `champion` (best so far)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+LOSS_TAG = "twin.pooled_loss"
+
+
+@dataclass(frozen=True)
+class ChampionInfo:
+    version: str
+    pooled_loss: float | None
+    round_key: str | None
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    model_name: str
+    version: str
+    run_id: str
+    run_url: str
+    version_url: str
+    promoted: bool
+
+
+class MlflowRegistry(dg.ConfigurableResource):
+    tracking_uri: str
+    artifact_root: str = ""
+    experiment: str = "twin-pipelines"
+    model_name: str = "patient-twin"
+    ui_url: str = "http://127.0.0.1:5000"
+
+    def _client(self):
+        import mlflow
+        from mlflow import MlflowClient
+
+        # The pickle format is chosen on purpose (it loads the model class); MLflow's advice to
+        # use pt2 and its "created version" chatter are noise in a pipeline's log.
+        logging.getLogger("mlflow").setLevel(logging.ERROR)
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def _experiment_id(self, client) -> str:
+        found = client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = Path(self.artifact_root).resolve().as_uri() if self.artifact_root else None
+        return client.create_experiment(self.experiment, artifact_location=location)
+
+    def champion(self) -> ChampionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        client = self._client()
+        try:
+            mv = client.get_model_version_by_alias(self.model_name, CHAMPION)
+        except MlflowException:
+            return None
+        loss = mv.tags.get(LOSS_TAG)
+        return ChampionInfo(
+            mv.version, float(loss) if loss is not None else None, mv.tags.get("twin.round")
+        )
+
+    def register_round(
+        self,
+        *,
+        round_key: str,
+        step: int,
+        model,
+        params: dict[str, object],
+        metrics: dict[str, float],
+        run_tags: dict[str, str],
+        version_tags: dict[str, str],
+        artifacts: dict[str, dict],
+        description: str,
+        promote: bool,
+    ) -> RegisteredVersion:
+        """Log the round as an MLflow run, register its model, set the aliases."""
+        import mlflow
+        import mlflow.pytorch
+        from mlflow.entities import Metric, Param
+        from mlflow.exceptions import MlflowException
+
+        import twin_core
+
+        client = self._client()
+        experiment_id = self._experiment_id(client)
+        now = int(time.time() * 1000)
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=round_key, tags=run_tags
+        ) as run:
+            run_id = run.info.run_id
+            client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())],
+                params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+            )
+            for name, doc in artifacts.items():
+                mlflow.log_dict(doc, name)
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                serialization_format="pickle",
+                pip_requirements=["torch==2.13.0", "numpy<3"],
+                code_paths=[str(Path(twin_core.__file__).parent)],
+            )
+        try:
+            client.get_registered_model(self.model_name)
+        except MlflowException:
+            client.create_registered_model(
+                self.model_name, description="Federated model trained by Twin Pipelines."
+            )
+        version = str(
+            client.create_model_version(
+                self.model_name,
+                info.model_uri,
+                run_id=run_id,
+                tags=version_tags,
+                description=description,
+            ).version
+        )
+        client.set_registered_model_alias(self.model_name, CHALLENGER, version)
+        if promote:
+            client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        base = self.ui_url.rstrip("/")
+        return RegisteredVersion(
+            model_name=self.model_name,
+            version=version,
+            run_id=run_id,
+            run_url=f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
+            version_url=f"{base}/#/models/{self.model_name}/versions/{version}",
+            promoted=promote,
+        )

@@ -1,0 +1,87 @@
+"""Round storage: everything a round produces, on disk, before anything else uses it.
+
+    <root>/r0001/plan.json
+    <root>/r0001/start.twt                  seeded initial model (first round only)
+    <root>/r0001/updates/<site>.twt         validated updates, as received
+    <root>/r0001/rejected/<site>.twt        updates that failed validation, kept for forensics
+    <root>/r0001/candidate.twt              the aggregated model
+    <root>/r0001/evaluation.json
+    <root>/latest.json                      the latest candidate that passed every gate
+
+Writes are atomic (temp file + rename), so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from twin_core.weights import Manifest, StoredWeights, Weights, load_weights, save_weights
+
+
+def _write_json(path: Path, doc: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class RoundStore(dg.ConfigurableResource):
+    root: str
+
+    def round_dir(self, round_key: str) -> Path:
+        return Path(self.root) / round_key
+
+    def write_json(self, round_key: str, name: str, doc: object) -> Path:
+        path = self.round_dir(round_key) / name
+        _write_json(path, doc)
+        return path
+
+    def read_json(self, round_key: str, name: str) -> dict:
+        return json.loads((self.round_dir(round_key) / name).read_text())
+
+    def save_weights(
+        self, round_key: str, name: str, weights: Weights, meta: dict
+    ) -> tuple[Path, Manifest]:
+        path = self.round_dir(round_key) / name
+        return path, save_weights(path, weights, meta)
+
+    def save_update(self, round_key: str, site_id: str, weights: Weights, meta: dict) -> Path:
+        return self.save_weights(round_key, f"updates/{site_id}.twt", weights, meta)[0]
+
+    def save_rejected(self, round_key: str, site_id: str, weights: Weights, reason: str) -> Path:
+        return self.save_weights(round_key, f"rejected/{site_id}.twt", weights, {"reason": reason})[
+            0
+        ]
+
+    def clear_updates(self, round_key: str) -> None:
+        """Forget the updates of an earlier attempt at this round (it is being re-run)."""
+        for sub in ("updates", "rejected"):
+            folder = self.round_dir(round_key) / sub
+            for path in folder.glob("*.twt") if folder.exists() else ():
+                path.unlink()
+
+    @staticmethod
+    def load(path: str | Path) -> StoredWeights:
+        return load_weights(Path(path))
+
+    def latest_passed(self) -> dict | None:
+        """The pointer to the latest candidate that passed its gates, or None."""
+        path = Path(self.root) / "latest.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def mark_passed(
+        self, round_key: str, candidate_path: str, sha256: str, schema_fingerprint: str
+    ) -> None:
+        _write_json(
+            Path(self.root) / "latest.json",
+            {
+                "round": round_key,
+                "path": candidate_path,
+                "sha256": sha256,
+                "schema_fingerprint": schema_fingerprint,
+            },
+        )

@@ -1,0 +1,140 @@
+"""GrpcSite: the `Site` port over a gRPC channel to one site worker.
+
+Every call has a deadline. gRPC errors and malformed replies become SiteCallError, which the
+orchestrator's fan-out turns into a SiteFailure value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+
+import grpc
+
+from twin_core.errors import MalformedStream, SiteCallError
+from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
+from twin_wire import codec
+from twin_wire.v1 import site_pb2 as pb
+from twin_wire.v1 import site_pb2_grpc
+
+MiB = 1 << 20
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 16 * MiB),
+    ("grpc.max_send_message_length", 16 * MiB),
+    # Long local training must not let an idle connection be dropped by a middlebox.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class GrpcSite:
+    """One site worker at `target` ("host:port"). The channel opens on first use.
+
+    Opening lazily matters: a channel inherited through fork hangs, so processes that fork
+    must create their GrpcSite objects (or at least make their first call) after forking.
+    """
+
+    def __init__(
+        self,
+        site_id: str,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[object] = (),
+    ) -> None:
+        self.site_id = site_id
+        self.target = target
+        self._credentials = credentials
+        self._interceptors = tuple(interceptors)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: site_pb2_grpc.SiteServiceStub | None = None
+
+    def __repr__(self) -> str:
+        return f"GrpcSite({self.site_id!r}, {self.target!r})"
+
+    @property
+    def stub(self) -> site_pb2_grpc.SiteServiceStub:
+        with self._lock:
+            if self._stub is None:
+                if self._credentials is None:
+                    channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                else:
+                    channel = grpc.secure_channel(
+                        self.target, self._credentials, options=CHANNEL_OPTIONS
+                    )
+                self._channel = channel
+                if self._interceptors:
+                    channel = grpc.intercept_channel(channel, *self._interceptors)
+                self._stub = site_pb2_grpc.SiteServiceStub(channel)
+            return self._stub
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+    def _fail(self, exc: Exception) -> SiteCallError:
+        if isinstance(exc, grpc.RpcError):
+            return SiteCallError(self.site_id, exc.code().name, exc.details() or "")
+        return SiteCallError(self.site_id, "MALFORMED_REPLY", str(exc))
+
+    def info(self, timeout: float) -> SiteInfo:
+        try:
+            return codec.info_from_proto(
+                self.stub.GetInfo(pb.InfoRequest(site_id=self.site_id), timeout=timeout)
+            )
+        except grpc.RpcError as exc:
+            raise self._fail(exc) from None
+
+    def train(
+        self,
+        round_key: str,
+        schema_fingerprint: str,
+        config: TrainConfig,
+        weights: Mapping,
+        timeout: float,
+    ) -> SiteUpdate:
+        requests = codec.train_requests(
+            self.site_id, round_key, schema_fingerprint, config, weights
+        )
+        try:
+            update = codec.read_train_replies(self.stub.Train(requests, timeout=timeout))
+        except (grpc.RpcError, MalformedStream) as exc:
+            raise self._fail(exc) from None
+        if update.site_id != self.site_id or update.round_key != round_key:
+            raise SiteCallError(
+                self.site_id,
+                "MALFORMED_REPLY",
+                f"reply names site {update.site_id!r} round {update.round_key!r}",
+            )
+        return update
+
+    def evaluate(
+        self, round_key: str, schema_fingerprint: str, weights: Mapping, timeout: float
+    ) -> SiteEvaluation:
+        requests = codec.evaluate_requests(self.site_id, round_key, schema_fingerprint, weights)
+        try:
+            return codec.evaluation_from_proto(self.stub.Evaluate(requests, timeout=timeout))
+        except grpc.RpcError as exc:
+            raise self._fail(exc) from None
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Block until the worker's standard health check answers SERVING."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        _ = self.stub  # opens the channel
+        assert self._channel is not None
+        health = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+            raise SiteCallError(
+                self.site_id, "UNAVAILABLE", f"not healthy at {self.target}: {exc!r}"
+            ) from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise SiteCallError(self.site_id, "UNAVAILABLE", f"health status {reply.status}")

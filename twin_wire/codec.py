@@ -1,0 +1,286 @@
+"""The one module that maps protobuf messages to twin_core values and back.
+
+Weights travel as a header (tensor names, dtypes, shapes, total length, SHA-256) followed by
+the raw bytes in chunks of at most `CHUNK_BYTES`, so no message comes near gRPC's 4 MiB limit
+whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from twin_core.errors import InvalidWeights, MalformedStream
+from twin_core.federation import (
+    ColumnMoments,
+    SiteEvaluation,
+    SiteInfo,
+    SiteUpdate,
+    TrainConfig,
+)
+from twin_core.weights import (
+    Manifest,
+    TensorSpec,
+    Weights,
+    check_manifest,
+    iter_tensor_bytes,
+    manifest_of,
+    weights_from_buffer,
+)
+from twin_wire.v1 import site_pb2 as pb
+
+CHUNK_BYTES = 1 << 20
+
+
+# ---- weights -------------------------------------------------------------------------------
+def manifest_to_proto(manifest: Manifest) -> pb.WeightsHeader:
+    return pb.WeightsHeader(
+        tensors=[
+            pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in manifest.tensors
+        ],
+        total_bytes=manifest.total_bytes,
+        sha256=manifest.sha256,
+    )
+
+
+def manifest_from_proto(header: pb.WeightsHeader) -> Manifest:
+    tensors = tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in header.tensors)
+    return Manifest(tensors, header.total_bytes, header.sha256)
+
+
+def weight_chunks(
+    weights: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.Chunk]:
+    """The model's bytes as chunks of `chunk_bytes` (small tensors are packed together)."""
+    pending = bytearray()
+    offset = 0
+    for view in iter_tensor_bytes(weights):
+        start = 0
+        while start < len(view):
+            take = min(chunk_bytes - len(pending), len(view) - start)
+            pending += view[start : start + take]
+            start += take
+            if len(pending) == chunk_bytes:
+                yield pb.Chunk(offset=offset, data=bytes(pending))
+                offset += len(pending)
+                pending.clear()
+    if pending:
+        yield pb.Chunk(offset=offset, data=bytes(pending))
+
+
+class WeightsAssembler:
+    """Receives a chunk stream for a manifest and checks order, length and checksum."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        try:
+            check_manifest(manifest)
+        except InvalidWeights as exc:
+            raise MalformedStream(f"bad weights header: {exc}") from None
+        self.manifest = manifest
+        self._buffer = bytearray(manifest.total_bytes)
+        self._offset = 0
+        self._digest = hashlib.sha256()
+
+    def add(self, chunk: pb.Chunk) -> None:
+        if chunk.offset != self._offset:
+            raise MalformedStream(f"chunk at offset {chunk.offset}, expected {self._offset}")
+        end = self._offset + len(chunk.data)
+        if end > self.manifest.total_bytes:
+            raise MalformedStream(
+                f"stream runs past the {self.manifest.total_bytes} bytes its header declares"
+            )
+        self._buffer[self._offset : end] = chunk.data
+        self._digest.update(chunk.data)
+        self._offset = end
+
+    def finish(self) -> Weights:
+        if self._offset != self.manifest.total_bytes:
+            raise MalformedStream(
+                f"stream ended after {self._offset} of {self.manifest.total_bytes} bytes"
+            )
+        if self._digest.hexdigest() != self.manifest.sha256:
+            raise MalformedStream("SHA-256 of the received weights does not match the header")
+        return weights_from_buffer(self.manifest, self._buffer)
+
+
+def _read_weight_stream(messages: Iterator, header_field: str) -> tuple[object, Weights]:
+    """Split a `oneof part {header, chunk}` stream into its header and assembled weights."""
+    first = next(messages, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise MalformedStream("the stream must start with a header")
+    header = first.header
+    assembler = WeightsAssembler(manifest_from_proto(getattr(header, header_field)))
+    for message in messages:
+        if message.WhichOneof("part") != "chunk":
+            raise MalformedStream("a second header arrived inside the chunk stream")
+        assembler.add(message.chunk)
+    return header, assembler.finish()
+
+
+# ---- config, info, evaluation ---------------------------------------------------------------
+def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
+    return pb.TrainConfig(
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        weight_decay=config.weight_decay,
+        optimizer=config.optimizer,
+    )
+
+
+def config_from_proto(msg: pb.TrainConfig) -> TrainConfig:
+    return TrainConfig(
+        local_epochs=msg.local_epochs,
+        batch_size=msg.batch_size,
+        learning_rate=msg.learning_rate,
+        seed=msg.seed,
+        weight_decay=msg.weight_decay,
+        optimizer=msg.optimizer or "adam",
+    )
+
+
+def info_to_proto(info: SiteInfo) -> pb.SiteInfo:
+    return pb.SiteInfo(
+        site_id=info.site_id,
+        task=info.task,
+        schema_json=json.dumps(info.schema, sort_keys=True),
+        schema_fingerprint=info.schema_fingerprint,
+        units=info.units,
+        train_examples=info.train_examples,
+        holdout_examples=info.holdout_examples,
+        moments=[
+            pb.ColumnMoments(column=m.column, count=m.count, sum=m.sum, sum_squares=m.sum_squares)
+            for m in info.moments
+        ],
+        versions=info.versions,
+    )
+
+
+def info_from_proto(msg: pb.SiteInfo) -> SiteInfo:
+    return SiteInfo(
+        site_id=msg.site_id,
+        task=msg.task,
+        schema=json.loads(msg.schema_json) if msg.schema_json else {},
+        schema_fingerprint=msg.schema_fingerprint,
+        units=msg.units,
+        train_examples=msg.train_examples,
+        holdout_examples=msg.holdout_examples,
+        moments=tuple(ColumnMoments(m.column, m.count, m.sum, m.sum_squares) for m in msg.moments),
+        versions=dict(msg.versions),
+    )
+
+
+def evaluation_to_proto(evaluation: SiteEvaluation) -> pb.EvaluateReply:
+    return pb.EvaluateReply(
+        site_id=evaluation.site_id,
+        round_key=evaluation.round_key,
+        num_examples=evaluation.num_examples,
+        statistics=evaluation.statistics,
+        eval_seconds=evaluation.eval_seconds,
+    )
+
+
+def evaluation_from_proto(msg: pb.EvaluateReply) -> SiteEvaluation:
+    return SiteEvaluation(
+        site_id=msg.site_id,
+        round_key=msg.round_key,
+        num_examples=msg.num_examples,
+        statistics=dict(msg.statistics),
+        eval_seconds=msg.eval_seconds,
+    )
+
+
+# ---- train and evaluate streams -----------------------------------------------------------
+@dataclass(frozen=True)
+class TrainCall:
+    site_id: str
+    round_key: str
+    schema_fingerprint: str
+    config: TrainConfig
+    weights: Weights
+
+
+@dataclass(frozen=True)
+class EvaluateCall:
+    site_id: str
+    round_key: str
+    schema_fingerprint: str
+    weights: Weights
+
+
+def train_requests(
+    site_id: str, round_key: str, schema_fingerprint: str, config: TrainConfig, weights: Mapping
+) -> Iterator[pb.TrainRequest]:
+    header = pb.TrainHeader(
+        site_id=site_id,
+        round_key=round_key,
+        schema_fingerprint=schema_fingerprint,
+        config=config_to_proto(config),
+        weights=manifest_to_proto(manifest_of(weights)),
+    )
+    yield pb.TrainRequest(header=header)
+    for chunk in weight_chunks(weights):
+        yield pb.TrainRequest(chunk=chunk)
+
+
+def read_train_requests(requests: Iterable[pb.TrainRequest]) -> TrainCall:
+    header, weights = _read_weight_stream(iter(requests), "weights")
+    return TrainCall(
+        header.site_id,
+        header.round_key,
+        header.schema_fingerprint,
+        config_from_proto(header.config),
+        weights,
+    )
+
+
+def train_replies(update: SiteUpdate) -> Iterator[pb.TrainReply]:
+    header = pb.UpdateHeader(
+        site_id=update.site_id,
+        round_key=update.round_key,
+        num_examples=update.num_examples,
+        steps=update.steps,
+        metrics=update.metrics,
+        train_seconds=update.train_seconds,
+        weights=manifest_to_proto(manifest_of(update.weights)),
+    )
+    yield pb.TrainReply(header=header)
+    for chunk in weight_chunks(update.weights):
+        yield pb.TrainReply(chunk=chunk)
+
+
+def read_train_replies(replies: Iterable[pb.TrainReply]) -> SiteUpdate:
+    header, weights = _read_weight_stream(iter(replies), "weights")
+    return SiteUpdate(
+        site_id=header.site_id,
+        round_key=header.round_key,
+        weights=weights,
+        num_examples=header.num_examples,
+        steps=header.steps,
+        metrics=dict(header.metrics),
+        train_seconds=header.train_seconds,
+    )
+
+
+def evaluate_requests(
+    site_id: str, round_key: str, schema_fingerprint: str, weights: Mapping
+) -> Iterator[pb.EvaluateRequest]:
+    header = pb.EvaluateHeader(
+        site_id=site_id,
+        round_key=round_key,
+        schema_fingerprint=schema_fingerprint,
+        weights=manifest_to_proto(manifest_of(weights)),
+    )
+    yield pb.EvaluateRequest(header=header)
+    for chunk in weight_chunks(weights):
+        yield pb.EvaluateRequest(chunk=chunk)
+
+
+def read_evaluate_requests(requests: Iterable[pb.EvaluateRequest]) -> EvaluateCall:
+    header, weights = _read_weight_stream(iter(requests), "weights")
+    return EvaluateCall(header.site_id, header.round_key, header.schema_fingerprint, weights)

@@ -1,0 +1,194 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("tensors", "total_bytes", "sha256")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    total_bytes: int
+    sha256: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ("site_id",)
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    def __init__(self, site_id: _Optional[str] = ...) -> None: ...
+
+class ColumnMoments(_message.Message):
+    __slots__ = ("column", "count", "sum", "sum_squares")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    SUM_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    count: float
+    sum: float
+    sum_squares: float
+    def __init__(self, column: _Optional[str] = ..., count: _Optional[float] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ...) -> None: ...
+
+class SiteInfo(_message.Message):
+    __slots__ = ("site_id", "task", "schema_json", "schema_fingerprint", "units", "train_examples", "holdout_examples", "moments", "versions")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    task: str
+    schema_json: str
+    schema_fingerprint: str
+    units: int
+    train_examples: int
+    holdout_examples: int
+    moments: _containers.RepeatedCompositeFieldContainer[ColumnMoments]
+    versions: _containers.ScalarMap[str, str]
+    def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class TrainConfig(_message.Message):
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "seed", "weight_decay", "optimizer")
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    weight_decay: float
+    optimizer: str
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ...) -> None: ...
+
+class TrainHeader(_message.Message):
+    __slots__ = ("site_id", "round_key", "schema_fingerprint", "config", "weights")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    schema_fingerprint: str
+    config: TrainConfig
+    weights: WeightsHeader
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., weights: _Optional[_Union[WeightsHeader, _Mapping]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: TrainHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[TrainHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("site_id", "round_key", "num_examples", "steps", "metrics", "train_seconds", "weights")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    num_examples: int
+    steps: int
+    metrics: _containers.ScalarMap[str, float]
+    train_seconds: float
+    weights: WeightsHeader
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., steps: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., train_seconds: _Optional[float] = ..., weights: _Optional[_Union[WeightsHeader, _Mapping]] = ...) -> None: ...
+
+class TrainReply(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class EvaluateHeader(_message.Message):
+    __slots__ = ("site_id", "round_key", "schema_fingerprint", "weights")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    schema_fingerprint: str
+    weights: WeightsHeader
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., weights: _Optional[_Union[WeightsHeader, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: EvaluateHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[EvaluateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class EvaluateReply(_message.Message):
+    __slots__ = ("site_id", "round_key", "num_examples", "statistics", "eval_seconds")
+    class StatisticsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    num_examples: int
+    statistics: _containers.ScalarMap[str, float]
+    eval_seconds: float
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., statistics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ...) -> None: ...
