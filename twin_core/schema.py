@@ -72,13 +72,24 @@ def _require(doc: Mapping, key: str, source: str) -> object:
     return doc[key]
 
 
+def _check_labels(labels: tuple, what: str, source: str) -> tuple:
+    if any(isinstance(v, bool) for v in labels):
+        raise SchemaError(
+            f"{source}: {what} {list(labels)} hold booleans: YAML reads unquoted yes/no/on/off/"
+            'true/false as booleans; quote them (for example ["no", "yes"])'
+        )
+    return labels
+
+
 def _parse_feature(item: object, source: str) -> Feature:
     if not isinstance(item, Mapping) or "name" not in item:
         raise SchemaError(f"{source}: each feature needs at least a name, got {item!r}")
     kind = item.get("kind", "numeric")
     if kind not in ("numeric", "categorical"):
         raise SchemaError(f"{source}: feature {item['name']!r} has unknown kind {kind!r}")
-    cats = tuple(item.get("categories") or ())
+    cats = _check_labels(
+        tuple(item.get("categories") or ()), f"categories of {item['name']!r}", source
+    )
     if kind == "categorical" and len(cats) < 2:
         raise SchemaError(f"{source}: categorical feature {item['name']!r} needs >= 2 categories")
     lo, hi = item.get("min"), item.get("max")
@@ -127,7 +138,7 @@ def parse_schema(doc: Mapping, source: str = "schema") -> DataSchema:
         problem = doc.get("problem", "regression")
         if problem not in PROBLEMS:
             raise SchemaError(f"{source}: unknown problem {problem!r} (choose {PROBLEMS})")
-        classes = tuple(doc.get("classes") or ())
+        classes = _check_labels(tuple(doc.get("classes") or ()), "classes", source)
         if problem == "classification" and len(classes) < 2:
             raise SchemaError(f"{source}: classification needs 'classes' (at least two)")
         schema = DataSchema(**common, problem=problem, classes=classes)
