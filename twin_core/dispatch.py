@@ -49,7 +49,7 @@ def run_on_sites(
         for future in pending:
             site_id = futures[future]
             results[site_id] = SiteFailure(
-                site_id, stage, "DEADLINE_EXCEEDED", f"no answer within {timeout:.0f} s"
+                site_id, stage, "DEADLINE_EXCEEDED", f"no answer within {timeout:g} s"
             )
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 def site_seed(seed: int, round_key: str, site_id: str) -> int:
     """A site's training seed for a round: fixed by the campaign seed, distinct per site/round."""
-    digest = hashlib.sha256(f"{seed}/{round_key}/{site_id}".encode()).digest()
+    digest = hashlib.sha256(json.dumps([seed, round_key, site_id]).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ def _contiguous_le(array: np.ndarray) -> np.ndarray:
 def iter_tensor_bytes(weights: Mapping[str, np.ndarray]) -> Iterator[memoryview]:
     """Yield each tensor's bytes without copying the model into one buffer."""
     for array in weights.values():
-        yield memoryview(_contiguous_le(array)).cast("B")
+        # reshape(-1) first: memoryview cannot cast a view with a zero in its shape
+        yield memoryview(_contiguous_le(array).reshape(-1).view(np.uint8))
 
 
 def manifest_of(weights: Mapping[str, np.ndarray]) -> Manifest:
@@ -156,13 +158,18 @@ class StoredWeights:
 def load_weights(path: Path, verify: bool = True) -> StoredWeights:
     """Memory-map weights from `path`; with `verify`, check the SHA-256 first."""
     with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size < len(_FILE_MAGIC) + 8:
+            raise InvalidWeights(f"{path} is not a Twin Pipelines weights file (too short)")
         mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     if mapped[: len(_FILE_MAGIC)] != _FILE_MAGIC:
         raise InvalidWeights(f"{path} is not a Twin Pipelines weights file")
     start = len(_FILE_MAGIC)
     header_len = int.from_bytes(mapped[start : start + 8], "little")
-    header = json.loads(mapped[start + 8 : start + 8 + header_len])
-    manifest = Manifest.from_json(header["manifest"])
+    try:
+        header = json.loads(mapped[start + 8 : start + 8 + header_len])
+        manifest = Manifest.from_json(header["manifest"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidWeights(f"{path} has a damaged header: {exc!r}") from None
     body = memoryview(mapped)[start + 8 + header_len :]
     if verify and hashlib.sha256(body).hexdigest() != manifest.sha256:
         raise InvalidWeights(f"{path} fails its checksum (file corrupt or truncated)")

@@ -34,6 +34,7 @@ from twin_core.weights import (
 from twin_wire.v1 import site_pb2 as pb
 
 CHUNK_BYTES = 1 << 20
+MAX_STREAM_BYTES = 4 << 30  # refuse a header that asks for more memory than any model needs
 
 
 # ---- weights -------------------------------------------------------------------------------
@@ -80,6 +81,10 @@ class WeightsAssembler:
             check_manifest(manifest)
         except InvalidWeights as exc:
             raise MalformedStream(f"bad weights header: {exc}") from None
+        if manifest.total_bytes > MAX_STREAM_BYTES:
+            raise MalformedStream(
+                f"header declares {manifest.total_bytes} bytes, above the {MAX_STREAM_BYTES} limit"
+            )
         self.manifest = manifest
         self._buffer = bytearray(manifest.total_bytes)
         self._offset = 0
@@ -115,8 +120,11 @@ def _read_weight_stream(messages: Iterator, header_field: str) -> tuple[object, 
     header = first.header
     assembler = WeightsAssembler(manifest_from_proto(getattr(header, header_field)))
     for message in messages:
-        if message.WhichOneof("part") != "chunk":
+        part = message.WhichOneof("part")
+        if part == "header":
             raise MalformedStream("a second header arrived inside the chunk stream")
+        if part != "chunk":
+            raise MalformedStream("a message in the chunk stream carries neither header nor chunk")
         assembler.add(message.chunk)
     return header, assembler.finish()
 
