@@ -33,7 +33,9 @@ def _prepare_env(home: TwinHome) -> None:
         os.environ.setdefault(key, value)
     os.environ["TWIN_HOME"] = str(home.root)
     os.environ["DAGSTER_HOME"] = str(home.ensure_dagster_home())
-    os.environ.setdefault("MLFLOW_TRACKING_URI", home.tracking_uri)
+    # The embedded default owns its registry: the demo, the Dagster UI and the MLflow UI must
+    # all use the same store, whatever MLFLOW_TRACKING_URI the shell happens to hold.
+    os.environ["MLFLOW_TRACKING_URI"] = home.tracking_uri
     home.mlflow_dir.mkdir(parents=True, exist_ok=True)
 
 
