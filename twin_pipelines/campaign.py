@@ -33,7 +33,7 @@ class RoundResult:
 def _output(result: dg.ExecuteInProcessResult, node: str):
     try:
         return result.output_for_node(node)
-    except Exception:  # the step did not run or produced no output in a failed run
+    except dg.DagsterInvariantViolationError:  # the step did not run in this (failed) run
         return None
 
 

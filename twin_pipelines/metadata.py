@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import dagster as dg
 
 from twin_core.federation import SiteFailure
+from twin_core.gates import GateResult
 
 
 def table(columns: Sequence[tuple[str, str]], rows: Iterable[dict]) -> dg.TableMetadataValue:
@@ -18,3 +19,14 @@ def table(columns: Sequence[tuple[str, str]], rows: Iterable[dict]) -> dg.TableM
 
 def failure_lines(failures: Iterable[SiteFailure]) -> str:
     return "; ".join(f"{f.site_id}: {f.code}: {f.reason}" for f in failures)
+
+
+def check_result(gate: GateResult, description: str | None = None) -> dg.AssetCheckResult:
+    """A blocking check's result from a gate: ERROR severity, the gate's facts as metadata."""
+    return dg.AssetCheckResult(
+        check_name=gate.name,
+        passed=gate.passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=description or gate.detail,
+        metadata={k: float(v) for k, v in gate.facts.items()},
+    )

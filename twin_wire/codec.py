@@ -112,6 +112,13 @@ class WeightsAssembler:
         return weights_from_buffer(self.manifest, self._buffer)
 
 
+def _stream(message_type: type, header: object, weights: Mapping) -> Iterator:
+    """A `oneof part {header, chunk}` stream: the header, then the weights' chunks."""
+    yield message_type(header=header)
+    for chunk in weight_chunks(weights):
+        yield message_type(chunk=chunk)
+
+
 def _read_weight_stream(messages: Iterator, header_field: str) -> tuple[object, Weights]:
     """Split a `oneof part {header, chunk}` stream into its header and assembled weights."""
     first = next(messages, None)
@@ -231,9 +238,7 @@ def train_requests(
         config=config_to_proto(config),
         weights=manifest_to_proto(manifest_of(weights)),
     )
-    yield pb.TrainRequest(header=header)
-    for chunk in weight_chunks(weights):
-        yield pb.TrainRequest(chunk=chunk)
+    return _stream(pb.TrainRequest, header, weights)
 
 
 def read_train_requests(requests: Iterable[pb.TrainRequest]) -> TrainCall:
@@ -257,9 +262,7 @@ def train_replies(update: SiteUpdate) -> Iterator[pb.TrainReply]:
         train_seconds=update.train_seconds,
         weights=manifest_to_proto(manifest_of(update.weights)),
     )
-    yield pb.TrainReply(header=header)
-    for chunk in weight_chunks(update.weights):
-        yield pb.TrainReply(chunk=chunk)
+    return _stream(pb.TrainReply, header, update.weights)
 
 
 def read_train_replies(replies: Iterable[pb.TrainReply]) -> SiteUpdate:
@@ -284,9 +287,7 @@ def evaluate_requests(
         schema_fingerprint=schema_fingerprint,
         weights=manifest_to_proto(manifest_of(weights)),
     )
-    yield pb.EvaluateRequest(header=header)
-    for chunk in weight_chunks(weights):
-        yield pb.EvaluateRequest(chunk=chunk)
+    return _stream(pb.EvaluateRequest, header, weights)
 
 
 def read_evaluate_requests(requests: Iterable[pb.EvaluateRequest]) -> EvaluateCall:

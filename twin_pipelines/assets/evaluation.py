@@ -12,7 +12,7 @@ from twin_core.gates import regression_gate
 from twin_core.rounds import Candidate, RoundPlan, pool_evaluations
 from twin_core.schema import parse_schema
 from twin_pipelines.config import RoundConfig
-from twin_pipelines.metadata import failure_lines, table
+from twin_pipelines.metadata import check_result, failure_lines, table
 from twin_pipelines.partitions import fl_round
 from twin_pipelines.resources import Fleet, MlflowRegistry, RoundStore
 
@@ -110,10 +110,4 @@ def round_evaluation(
             else dg.MetadataValue.text("no champion yet"),
         },
     )
-    yield dg.AssetCheckResult(
-        check_name="no_pooled_regression",
-        passed=gate.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=gate.detail,
-        metadata={k: float(v) for k, v in gate.facts.items()},
-    )
+    yield check_result(gate)

@@ -14,7 +14,7 @@ from twin_core.schema import parse_schema
 from twin_core.selection import select_sites
 from twin_core.weights import check_update
 from twin_pipelines.config import RoundConfig
-from twin_pipelines.metadata import failure_lines, table
+from twin_pipelines.metadata import check_result, failure_lines, table
 from twin_pipelines.partitions import fl_round
 from twin_pipelines.resources import Fleet, RoundStore
 
@@ -202,13 +202,7 @@ def site_updates(
     description = gate.detail + (
         f"; failures: {failure_lines(updates.failures)}" if updates.failures else ""
     )
-    yield dg.AssetCheckResult(
-        check_name="quorum_met",
-        passed=gate.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=description,
-        metadata=gate.facts,
-    )
+    yield check_result(gate, description)
 
 
 @dg.asset(
@@ -261,10 +255,4 @@ def global_model(
             "path": dg.MetadataValue.path(str(path)),
         },
     )
-    yield dg.AssetCheckResult(
-        check_name="weights_finite",
-        passed=gate.passed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=gate.detail,
-        metadata=gate.facts,
-    )
+    yield check_result(gate)
