@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,17 @@ class RoundUpdates:
     @property
     def total_examples(self) -> int:
         return sum(u.num_examples for u in self.updates)
+
+    @classmethod
+    def collect(
+        cls, results: Mapping[str, UpdateRecord | SiteFailure], failures: Sequence[SiteFailure] = ()
+    ) -> RoundUpdates:
+        """Split fan-out results into updates and failures (sites in sorted order)."""
+        ordered = [results[s] for s in sorted(results)]
+        return cls(
+            tuple(r for r in ordered if isinstance(r, UpdateRecord)),
+            tuple(failures) + tuple(r for r in ordered if isinstance(r, SiteFailure)),
+        )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from twin_core.gates import regression_gate
 from twin_core.rounds import Candidate, RoundPlan, pool_evaluations
 from twin_core.schema import parse_schema
 from twin_pipelines.config import RoundConfig
-from twin_pipelines.metadata import check_result, failure_lines, table
+from twin_pipelines.metadata import check_result, evaluation_metadata, failure_lines
 from twin_pipelines.partitions import fl_round
 from twin_pipelines.resources import Fleet, MlflowRegistry, RoundStore
 
@@ -85,29 +85,6 @@ def round_evaluation(
         champion.pooled_loss if champion else None,
         config.regression_tolerance,
     )
-    metric_names = sorted(evaluation.pooled)
-    rows = [
-        {"site": s, "examples": evaluation.examples[s], **evaluation.per_site[s]}
-        for s in evaluation.per_site
-    ]
-    rows += [{"site": f.site_id, "error": f"{f.code}: {f.reason}"} for f in failures]
-    yield dg.Output(
-        evaluation,
-        metadata={
-            **{
-                f"pooled_{k}": dg.MetadataValue.float(float(v))
-                for k, v in evaluation.pooled.items()
-            },
-            "sites": table(
-                [("site", "string"), ("examples", "int")]
-                + [(k, "float") for k in metric_names]
-                + [("error", "string")],
-                sorted(rows, key=lambda r: r["site"]),
-            ),
-            "evaluated_sites": len(evaluations),
-            "champion_pooled_loss": champion.pooled_loss
-            if champion and champion.pooled_loss is not None
-            else dg.MetadataValue.text("no champion yet"),
-        },
-    )
+    champion_loss = champion.pooled_loss if champion else None
+    yield dg.Output(evaluation, metadata=evaluation_metadata(evaluation, champion_loss))
     yield check_result(gate)

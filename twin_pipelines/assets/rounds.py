@@ -12,9 +12,9 @@ from twin_core.gates import finite_gate, quorum_gate
 from twin_core.rounds import Candidate, RoundPlan, RoundUpdates, UpdateRecord, site_seed
 from twin_core.schema import parse_schema
 from twin_core.selection import select_sites
-from twin_core.weights import check_update
+from twin_core.weights import StoredWeights, check_update
 from twin_pipelines.config import RoundConfig
-from twin_pipelines.metadata import check_result, failure_lines, table
+from twin_pipelines.metadata import check_result, failure_lines, plan_metadata, updates_metadata
 from twin_pipelines.partitions import fl_round
 from twin_pipelines.resources import Fleet, RoundStore
 
@@ -67,36 +67,11 @@ def round_plan(
         key, selection, schema, moments, start_path, start_round, start_sha, config.model_dump()
     )
     store.write_json(key, "plan.json", asdict(plan))
-    return dg.Output(
-        plan,
-        metadata={
-            "sites": table(
-                [
-                    ("site", "string"),
-                    ("chosen", "bool"),
-                    ("reason", "string"),
-                    ("train_examples", "int"),
-                ],
-                (
-                    {
-                        "site": d.site_id,
-                        "chosen": d.chosen,
-                        "reason": d.reason,
-                        "train_examples": d.examples,
-                    }
-                    for d in selection.decisions
-                ),
-            ),
-            "chosen_sites": len(selection.chosen),
-            "skipped_sites": len(selection.decisions) - len(selection.chosen),
-            "schema_fingerprint": selection.schema_fingerprint or "",
-            "starts_from": start_round or f"seeded initialisation (seed {config.seed})",
-        },
-    )
+    return dg.Output(plan, metadata=plan_metadata(plan, config.seed))
 
 
 def _train_and_persist(
-    site: Site, plan: RoundPlan, config: RoundConfig, start, store: RoundStore
+    site: Site, plan: RoundPlan, config: RoundConfig, start: StoredWeights, store: RoundStore
 ) -> UpdateRecord:
     """One site's part of a round: train remotely, validate, persist. Raises on any problem."""
     key = plan.round_key
@@ -159,46 +134,11 @@ def site_updates(
         stage="train",
         timeout=config.train_timeout_s + 10,
     )
-    updates = RoundUpdates(
-        tuple(r for r in results.values() if isinstance(r, UpdateRecord)),
-        tuple(missing) + tuple(r for r in results.values() if isinstance(r, SiteFailure)),
-    )
+    updates = RoundUpdates.collect(results, missing)
     for failure in updates.failures:
         context.log.warning(f"site {failure.site_id} failed: {failure.code}: {failure.reason}")
     gate = quorum_gate(len(updates.updates), config.min_sites)
-    rows = [
-        {
-            "site": u.site_id,
-            "status": "ok",
-            "examples": u.num_examples,
-            "steps": u.steps,
-            "train_loss": u.metrics.get("train_loss"),
-            "seconds": round(u.train_seconds, 3),
-            "delta_norm": u.delta_norm,
-        }
-        for u in updates.updates
-    ]
-    rows += [{"site": f.site_id, "status": f"{f.code}: {f.reason}"} for f in updates.failures]
-    yield dg.Output(
-        updates,
-        metadata={
-            "sites": table(
-                [
-                    ("site", "string"),
-                    ("status", "string"),
-                    ("examples", "int"),
-                    ("steps", "int"),
-                    ("train_loss", "float"),
-                    ("seconds", "float"),
-                    ("delta_norm", "float"),
-                ],
-                sorted(rows, key=lambda r: r["site"]),
-            ),
-            "succeeded": len(updates.updates),
-            "failed": len(updates.failures),
-            "total_examples": updates.total_examples,
-        },
-    )
+    yield dg.Output(updates, metadata=updates_metadata(updates))
     description = gate.detail + (
         f"; failures: {failure_lines(updates.failures)}" if updates.failures else ""
     )
