@@ -37,6 +37,9 @@ class SiteSettings:
     torch_threads: int = 1
     grace_seconds: float = 30.0
     ready_file: Path | None = None
+    drift_window_days: float | None = None
+    drift_share: float = 0.5
+    share_drift_report: bool = False
 
     def check(self) -> None:
         if self.synthetic == bool(self.data):
@@ -75,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int)
     p.add_argument("--grace-seconds", type=float)
     p.add_argument("--ready-file", type=Path, help="write the bound port here once serving")
+    p.add_argument(
+        "--drift-window-days",
+        type=float,
+        help="current window for drift: the last N days of data (default: all of it)",
+    )
+    p.add_argument("--drift-share", type=float, help="share of drifted columns that is drift")
+    p.add_argument(
+        "--share-drift-report",
+        action="store_true",
+        default=None,
+        help="allow the full Evidently HTML report to leave the site",
+    )
     return p
 
 
@@ -100,6 +115,7 @@ def settings_from_args(argv: list[str] | None = None) -> SiteSettings:
             values[key] = Path(values[key])
     values["drift"] = tuple(values.get("drift") or ())
     values["synthetic"] = bool(values.get("synthetic"))
+    values["share_drift_report"] = bool(values.get("share_drift_report"))
     settings = SiteSettings(**values)
     settings.check()
     return settings
@@ -122,29 +138,34 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(settings.torch_threads)
     torch.set_num_interop_threads(1)
 
-    from site_worker.data import load_file, load_synthetic
+    from site_worker.data import FileSource, SyntheticSource
     from site_worker.handler import SiteHandler
     from site_worker.server import SiteServer, serve
     from twin_core.errors import SchemaError, SiteDataError
 
+    if settings.synthetic:
+        source = SyntheticSource(settings.site_id, settings.cohort_seed, settings.drift)
+    else:
+        assert settings.data and settings.schema
+        source = FileSource(settings.data, settings.schema)
     try:
-        if settings.synthetic:
-            schema, frame = load_synthetic(settings.site_id, settings.cohort_seed, settings.drift)
-        else:
-            assert settings.data and settings.schema
-            schema, frame = load_file(settings.data, settings.schema)
+        handler = SiteHandler.from_source(
+            settings.site_id,
+            source,
+            holdout_fraction=settings.holdout_fraction,
+            split_seed=settings.split_seed,
+            state_dir=settings.state_dir,
+            drift_window_days=settings.drift_window_days,
+            drift_share=settings.drift_share,
+            share_drift_report=settings.share_drift_report,
+        )
     except (SchemaError, SiteDataError, ValueError) as exc:
         print(f"site_worker: refusing to start site {settings.site_id}: {exc}", file=sys.stderr)
         return 2
-    handler = SiteHandler(
-        settings.site_id,
-        schema,
-        frame,
-        holdout_fraction=settings.holdout_fraction,
-        split_seed=settings.split_seed,
-        state_dir=settings.state_dir,
-    )
     handler.warm_up()
+    quality = handler.check_data()
+    verdict = "passed" if quality.success else "FAILED, training refused until fixed"
+    log.info("site %s: data check %s: %s", settings.site_id, verdict, quality.summary())
     info = handler.info()
     log.info(
         "site %s: task %s, schema %s, %d units, %d train / %d holdout examples",

@@ -35,3 +35,30 @@ def load_synthetic(
         raise SiteDataError(str(exc.args[0] if exc.args else exc)) from None
     schema = parse_schema(cohort_schema(config.params), source="synthetic cohort schema")
     return schema, check_frame(schema, frame)
+
+
+class FileSource:
+    """A site's data file and its schema, re-read when the file changes (new rows arrive)."""
+
+    def __init__(self, data_path: Path, schema_path: Path) -> None:
+        self.data_path, self.schema_path = Path(data_path), Path(schema_path)
+
+    def version(self) -> tuple:
+        stats = [p.stat() for p in (self.data_path, self.schema_path)]
+        return tuple((s.st_mtime_ns, s.st_size) for s in stats)
+
+    def load(self) -> tuple[DataSchema, pd.DataFrame]:
+        return load_file(self.data_path, self.schema_path)
+
+
+class SyntheticSource:
+    """One site's share of the seeded synthetic cohort (it never changes)."""
+
+    def __init__(self, site_id: str, seed: int, drift: tuple[str, ...] = ()) -> None:
+        self.site_id, self.seed, self.drift = site_id, seed, drift
+
+    def version(self) -> tuple:
+        return (self.site_id, self.seed, self.drift)
+
+    def load(self) -> tuple[DataSchema, pd.DataFrame]:
+        return load_synthetic(self.site_id, self.seed, self.drift)

@@ -7,22 +7,27 @@ directly. Refusals are SiteCallError with a gRPC status name as the code.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
 
-from twin_core.errors import InvalidWeights, SiteCallError
+from twin_core.errors import InvalidWeights, SchemaError, SiteCallError, SiteDataError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
+from twin_core.monitoring import DriftSummary, ExpectationOutcome, QualityReport
 from twin_core.schema import DataSchema
 from twin_core.tasks import task_for
 from twin_core.training import evaluate, load_weights_into, train_local, weights_of
 
 PROTOCOL = "twin_wire.v1"
+log = logging.getLogger("site_worker")
 
 
 def software_versions() -> dict[str, str]:
@@ -40,8 +45,20 @@ def software_versions() -> dict[str, str]:
     }
 
 
+class DataSource(Protocol):
+    def version(self) -> object: ...
+
+    def load(self) -> tuple[DataSchema, pd.DataFrame]: ...
+
+
 class SiteHandler:
-    """Holds a site's prepared data; trains and evaluates models sent to it, one at a time."""
+    """Holds a site's prepared data; trains and evaluates models sent to it, one at a time.
+
+    With a `source`, the data is re-read whenever the source changes (a hospital's extract
+    grows): the data check and the drift report then describe the data as it is now. A new
+    extract that no longer loads keeps the previous data and fails the data check, so the site
+    stops training until it is fixed.
+    """
 
     def __init__(
         self,
@@ -52,15 +69,56 @@ class SiteHandler:
         holdout_fraction: float = 0.2,
         split_seed: int = 0,
         state_dir: Path | None = None,
+        source: DataSource | None = None,
+        drift_window_days: float | None = None,
+        drift_share: float = 0.5,
+        share_drift_report: bool = False,
     ) -> None:
         self.site_id = site_id
-        self.schema = schema
-        self.task = task_for(schema)
-        self.data = self.task.prepare(frame, holdout_fraction, split_seed)
+        self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.state_dir = Path(state_dir) if state_dir else None
-        self._model = self.task.build_model({}, seed=0)
-        self._lock = threading.Lock()
+        self.source = source
+        self.drift_window_days, self.drift_share = drift_window_days, drift_share
+        self.share_drift_report = share_drift_report
+        self._lock = threading.RLock()
         self._versions = software_versions()
+        self._source_version = source.version() if source else None
+        self._load_error = ""
+        self._use(schema, frame)
+        self._reference, self._reference_round = self._read_reference()
+        self._last_drift: DriftSummary | None = None
+
+    @classmethod
+    def from_source(cls, site_id: str, source: DataSource, **options) -> SiteHandler:
+        schema, frame = source.load()
+        return cls(site_id, schema, frame, source=source, **options)
+
+    def _use(self, schema: DataSchema, frame: pd.DataFrame) -> None:
+        self.schema, self.frame = schema, frame
+        self.task = task_for(schema)
+        self.data = self.task.prepare(frame, self.holdout_fraction, self.split_seed)
+        self._model = self.task.build_model({}, seed=0)
+        self._quality: QualityReport | None = None
+
+    def _refresh(self) -> None:
+        """Re-read the source if it changed since the data in use was loaded."""
+        if self.source is None:
+            return
+        version = self.source.version()
+        if version == self._source_version:
+            return
+        self._source_version = version
+        try:
+            schema, frame = self.source.load()
+        except (SchemaError, SiteDataError) as exc:
+            self._load_error = str(exc)
+            log.error(
+                "site %s: new data does not load, keeping the previous data: %s", self.site_id, exc
+            )
+            return
+        self._load_error = ""
+        self._use(schema, frame)
+        log.info("site %s: data reloaded (%d rows)", self.site_id, len(frame))
 
     def warm_up(self) -> None:
         """Run one training step on a throwaway copy so the first real round is not slow."""
@@ -72,6 +130,8 @@ class SiteHandler:
         evaluate(self.task, model, self.data.holdout)
 
     def info(self, timeout: float | None = None) -> SiteInfo:
+        with self._lock:
+            quality = self.check_data()
         return SiteInfo(
             site_id=self.site_id,
             task=self.task.name,
@@ -82,6 +142,10 @@ class SiteHandler:
             holdout_examples=self.data.holdout_examples,
             moments=self.data.moments,
             versions=dict(self._versions),
+            data_check_passed=quality.success,
+            data_check_score=quality.score,
+            data_check_summary=quality.summary(),
+            drift=self._last_drift,
         )
 
     def _refuse(self, code: str, message: str) -> SiteCallError:
@@ -109,9 +173,12 @@ class SiteHandler:
     ) -> SiteUpdate:
         if config.local_epochs < 0 or config.batch_size < 1 or not config.learning_rate > 0:
             raise self._refuse("INVALID_ARGUMENT", f"unusable training config {config}")
-        if not self.data.train_examples:
-            raise self._refuse("FAILED_PRECONDITION", "this site has no training examples")
         with self._lock:
+            quality = self.check_data()
+            if not quality.success:
+                raise self._refuse("FAILED_PRECONDITION", f"data check failed: {quality.summary()}")
+            if not self.data.train_examples:
+                raise self._refuse("FAILED_PRECONDITION", "this site has no training examples")
             self._load(schema_fingerprint, weights)
             started = time.perf_counter()
             try:
@@ -120,6 +187,7 @@ class SiteHandler:
                 raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
             seconds = time.perf_counter() - started
             update = weights_of(self._model)
+            self._keep_reference(round_key)
         self._journal(
             "train", round_key, examples=self.data.train_examples, steps=steps, seconds=seconds
         )
@@ -141,6 +209,7 @@ class SiteHandler:
         timeout: float | None = None,
     ) -> SiteEvaluation:
         with self._lock:
+            self._refresh()
             self._load(schema_fingerprint, weights)
             started = time.perf_counter()
             statistics = evaluate(self.task, self._model, self.data.holdout)
@@ -153,6 +222,71 @@ class SiteHandler:
             statistics=statistics,
             eval_seconds=seconds,
         )
+
+    def check_data(self, timeout: float | None = None) -> QualityReport:
+        """The Great Expectations check of the data in use (cached until the data changes)."""
+        from site_worker.quality import check_data
+
+        with self._lock:
+            self._refresh()
+            if self._quality is None:
+                self._quality = check_data(self.site_id, self.schema, self.frame)
+            report = self._quality
+            if self._load_error:
+                unloadable = ExpectationOutcome("data_file_loads", "", False, 1.0)
+                report = replace(
+                    report,
+                    success=False,
+                    outcomes=(unloadable, *report.outcomes),
+                    score=report.score * len(report.outcomes) / (len(report.outcomes) + 1),
+                )
+            return report
+
+    def drift(self, timeout: float | None = None) -> DriftSummary:
+        """Evidently drift of the current window against the data of the last round trained."""
+        from site_worker.drift import drift_summary, unit_table, window
+
+        with self._lock:
+            self._refresh()
+            current = window(
+                self.schema, unit_table(self.schema, self.frame), days=self.drift_window_days
+            )
+            reference = self._reference
+        summary = drift_summary(
+            self.site_id,
+            self.schema,
+            reference,
+            current,
+            drift_share=self.drift_share,
+            share_report=self.share_drift_report,
+        )
+        summary = replace(summary, reference_round=self._reference_round)
+        self._last_drift = summary
+        return summary
+
+    def _keep_reference(self, round_key: str) -> None:
+        """Remember the data this round trained on: the reference window for drift."""
+        from site_worker.drift import unit_table
+
+        self._reference = unit_table(self.schema, self.frame)
+        self._reference_round = round_key
+        self._last_drift = None  # a new reference: earlier drift no longer describes it
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_dir / "reference.parquet.tmp"
+            self._reference.to_parquet(tmp, index=False)
+            tmp.replace(self.state_dir / "reference.parquet")
+            (self.state_dir / "reference_round").write_text(round_key)
+
+    def _read_reference(self) -> tuple[pd.DataFrame | None, str]:
+        """The reference window kept by an earlier run of this worker, if it still fits."""
+        if self.state_dir is None or not (self.state_dir / "reference.parquet").exists():
+            return None, ""
+        reference = pd.read_parquet(self.state_dir / "reference.parquet")
+        if not set(reference.columns) >= {f.name for f in self.schema.features}:
+            return None, ""
+        marker = self.state_dir / "reference_round"
+        return reference, marker.read_text() if marker.exists() else ""
 
     def _journal(self, kind: str, round_key: str, **facts: float) -> None:
         """Append what the site did (never what its data holds) to its local journal."""

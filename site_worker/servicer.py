@@ -54,6 +54,14 @@ class SiteServicer(site_pb2_grpc.SiteServiceServicer):
     def GetInfo(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.SiteInfo:
         return codec.info_to_proto(self._handler(request.site_id, context).info())
 
+    def CheckData(
+        self, request: pb.DataCheckRequest, context: grpc.ServicerContext
+    ) -> pb.DataCheckReply:
+        return codec.quality_to_proto(self._handler(request.site_id, context).check_data())
+
+    def Drift(self, request: pb.DriftRequest, context: grpc.ServicerContext) -> pb.DriftReply:
+        return codec.drift_to_proto(self._handler(request.site_id, context).drift())
+
     def Train(
         self, request_iterator: Iterator[pb.TrainRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TrainReply]:

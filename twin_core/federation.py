@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from twin_core.monitoring import DriftSummary, QualityReport
 from twin_core.weights import Weights
 
 
@@ -61,6 +62,10 @@ class SiteInfo:
     holdout_examples: int
     moments: tuple[ColumnMoments, ...]
     versions: dict[str, str] = field(default_factory=dict)
+    data_check_passed: bool = True
+    data_check_score: float = 1.0
+    data_check_summary: str = ""
+    drift: DriftSummary | None = None  # the latest drift summary, without per-feature detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +131,7 @@ class Site(Protocol):
     def evaluate(
         self, round_key: str, schema_fingerprint: str, weights: Mapping, timeout: float
     ) -> SiteEvaluation: ...
+
+    def check_data(self, timeout: float) -> QualityReport: ...
+
+    def drift(self, timeout: float) -> DriftSummary: ...

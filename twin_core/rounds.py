@@ -31,6 +31,7 @@ class RoundPlan:
     start_round: str | None  # the round whose candidate that is (None: seeded initialisation)
     start_sha256: str
     config: dict  # the round's run config, as set in the launchpad
+    quality: dict[str, float] = field(default_factory=dict)  # data-check score per chosen site
 
 
 @dataclass(frozen=True)

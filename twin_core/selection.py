@@ -46,7 +46,8 @@ def select_sites(
     expected_fingerprint: str | None = None,
     max_sites: int | None = None,
 ) -> Selection:
-    """Every healthy site: reachable, on the federation's schema, with training data.
+    """Every healthy site: reachable, on the federation's schema, passing its data check, with
+    training data.
 
     With `max_sites`, the largest sites (by training examples, then id) are kept.
     """
@@ -65,6 +66,13 @@ def select_sites(
                 site_id,
                 False,
                 f"schema {answer.schema_fingerprint} differs from the federation's {fingerprint}",
+                answer.train_examples,
+            )
+        elif not answer.data_check_passed:
+            decisions[site_id] = SiteDecision(
+                site_id,
+                False,
+                f"data check failed: {answer.data_check_summary}",
                 answer.train_examples,
             )
         elif answer.train_examples <= 0:

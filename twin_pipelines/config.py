@@ -5,9 +5,8 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from twin_core.aggregation import STRATEGIES
 from twin_core.federation import TrainConfig
-
-STRATEGIES = ("fedavg",)
 
 
 class RoundConfig(dg.Config):
@@ -17,7 +16,10 @@ class RoundConfig(dg.Config):
     max_sites: int = Field(
         default=0, description="at most this many sites train (0: all healthy sites)"
     )
-    strategy: str = Field(default="fedavg", description="aggregation strategy")
+    strategy: str = Field(
+        default="fedavg",
+        description="fedavg (weighted by examples) or fedavg_quality (x data-check score)",
+    )
     local_epochs: int = Field(default=2, description="epochs of local training per round")
     batch_size: int = 64
     learning_rate: float = 1e-3

@@ -35,3 +35,11 @@ def start_campaign(context: dg.OpExecutionContext, config: CampaignConfig) -> No
 )
 def fl_campaign_job() -> None:
     start_campaign()
+
+
+monitoring_job = dg.define_asset_job(
+    "monitoring_job",
+    selection=dg.AssetSelection.groups("monitoring"),
+    executor_def=dg.in_process_executor,
+    description="Refresh every site's data check, drift summary and the champion's performance.",
+)

@@ -8,6 +8,7 @@ import dagster as dg
 
 from twin_core.federation import SiteFailure
 from twin_core.gates import GateResult
+from twin_core.monitoring import DriftSummary, FeatureDrift
 from twin_core.rounds import RoundEvaluation, RoundPlan, RoundUpdates
 
 
@@ -109,4 +110,123 @@ def evaluation_metadata(evaluation: RoundEvaluation, champion_loss: float | None
         "champion_pooled_loss": dg.MetadataValue.text("no champion yet")
         if champion_loss is None
         else champion_loss,
+    }
+
+
+def quality_metadata(reports: dict, failures: list[SiteFailure]) -> dict:
+    rows = [
+        {
+            "site": s,
+            "passed": r.success,
+            "score": round(r.score, 4),
+            "rows": r.rows,
+            "failed": "; ".join(
+                f"{o.expectation}({o.column}): {o.unexpected_fraction:.1%}" for o in r.failed
+            ),
+        }
+        for s, r in sorted(reports.items())
+    ]
+    rows += [{"site": f.site_id, "failed": f"unreachable: {f.code}: {f.reason}"} for f in failures]
+    columns = [
+        ("site", "string"),
+        ("passed", "bool"),
+        ("score", "float"),
+        ("rows", "int"),
+        ("failed", "string"),
+    ]
+    return {
+        "sites": table(columns, rows),
+        "sites_passing": sum(r.success for r in reports.values()),
+        "sites_failing": sum(not r.success for r in reports.values()) + len(failures),
+        "min_score": min((r.score for r in reports.values()), default=0.0),
+    }
+
+
+def drift_summaries_json(summaries: dict) -> dict:
+    """What the drift sensor reads back: per site, the decision and the drifted columns."""
+    return {
+        s: {
+            "has_reference": d.has_reference,
+            "drifted_share": d.drifted_share,
+            "dataset_drift": d.dataset_drift,
+            "reference_round": d.reference_round,
+            "reference_rows": d.reference_rows,
+            "current_rows": d.current_rows,
+            "features": [[f.column, f.score, f.method, f.threshold, f.drifted] for f in d.features],
+        }
+        for s, d in sorted(summaries.items())
+    }
+
+
+def summaries_from_json(doc: dict) -> dict[str, DriftSummary]:
+    """The inverse of `drift_summaries_json` (drift thresholds of the site are not needed)."""
+    return {
+        s: DriftSummary(
+            s,
+            d["has_reference"],
+            d["drifted_share"],
+            d["dataset_drift"],
+            0.0,
+            tuple(FeatureDrift(*f) for f in d["features"]),
+            d["reference_rows"],
+            d["current_rows"],
+            reference_round=d["reference_round"],
+        )
+        for s, d in doc.items()
+    }
+
+
+def drift_metadata(summaries: dict, failures: list[SiteFailure]) -> dict:
+    rows = [
+        {
+            "site": s,
+            "reference": d.reference_round or ("yes" if d.has_reference else "none yet"),
+            "drifted_share": round(d.drifted_share, 4),
+            "dataset_drift": d.dataset_drift,
+            "windows": f"{d.reference_rows} / {d.current_rows}",
+            "drifted": ", ".join(f"{f.column} ({f.score:.3g})" for f in d.features if f.drifted),
+        }
+        for s, d in sorted(summaries.items())
+    ]
+    rows += [{"site": f.site_id, "drifted": f"unreachable: {f.code}: {f.reason}"} for f in failures]
+    columns = [
+        ("site", "string"),
+        ("reference", "string"),
+        ("drifted_share", "float"),
+        ("dataset_drift", "bool"),
+        ("windows", "string"),
+        ("drifted", "string"),
+    ]
+    return {
+        "sites": table(columns, rows),
+        "summaries": dg.MetadataValue.json(drift_summaries_json(summaries)),
+        "max_drifted_share": max((d.drifted_share for d in summaries.values()), default=0.0),
+        "sites_drifting": sum(d.dataset_drift for d in summaries.values()),
+    }
+
+
+def performance_metadata(doc: dict, failures: list[SiteFailure]) -> dict:
+    before, now = doc["at_registration"], doc["now"]
+    rows = [
+        {
+            "site": s,
+            "loss_at_registration": before.get(s),
+            "loss_now": now.get(s),
+            "change": (now[s] - before[s]) / max(abs(before[s]), 1e-12)
+            if s in now and s in before
+            else None,
+        }
+        for s in sorted(set(before) | set(now))
+    ]
+    columns = [
+        ("site", "string"),
+        ("loss_at_registration", "float"),
+        ("loss_now", "float"),
+        ("change", "float"),
+    ]
+    return {
+        "champion_version": doc["version"],
+        "sites": table(columns, rows),
+        "performance": dg.MetadataValue.json({"now": now, "at_registration": before}),
+        "unreachable": len(failures),
     }

@@ -13,6 +13,7 @@ import grpc
 
 from twin_core.errors import MalformedStream, SiteCallError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
+from twin_core.monitoring import DriftSummary, QualityReport
 from twin_wire import codec
 from twin_wire.v1 import site_pb2 as pb
 from twin_wire.v1 import site_pb2_grpc
@@ -121,6 +122,20 @@ class GrpcSite:
             return codec.evaluation_from_proto(self.stub.Evaluate(requests, timeout=timeout))
         except grpc.RpcError as exc:
             raise self._fail(exc) from None
+
+    def check_data(self, timeout: float) -> QualityReport:
+        request = pb.DataCheckRequest(site_id=self.site_id)
+        try:
+            return codec.quality_from_proto(self.stub.CheckData(request, timeout=timeout))
+        except grpc.RpcError as exc:
+            raise self._fail(exc) from None
+
+    def drift(self, timeout: float) -> DriftSummary:
+        try:
+            reply = self.stub.Drift(pb.DriftRequest(site_id=self.site_id), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._fail(exc) from None
+        return codec.drift_from_proto(reply)
 
     def wait_healthy(self, timeout: float) -> None:
         """Block until the worker's standard health check answers SERVING."""

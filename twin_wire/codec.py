@@ -22,6 +22,7 @@ from twin_core.federation import (
     SiteUpdate,
     TrainConfig,
 )
+from twin_core.monitoring import DriftSummary, ExpectationOutcome, FeatureDrift, QualityReport
 from twin_core.weights import (
     Manifest,
     TensorSpec,
@@ -173,6 +174,12 @@ def info_to_proto(info: SiteInfo) -> pb.SiteInfo:
             for m in info.moments
         ],
         versions=info.versions,
+        data_check_passed=info.data_check_passed,
+        data_check_score=info.data_check_score,
+        data_check_summary=info.data_check_summary,
+        drift_known=info.drift is not None,
+        dataset_drift=bool(info.drift and info.drift.dataset_drift),
+        drifted_share=info.drift.drifted_share if info.drift else 0.0,
     )
 
 
@@ -187,6 +194,12 @@ def info_from_proto(msg: pb.SiteInfo) -> SiteInfo:
         holdout_examples=msg.holdout_examples,
         moments=tuple(ColumnMoments(m.column, m.count, m.sum, m.sum_squares) for m in msg.moments),
         versions=dict(msg.versions),
+        data_check_passed=msg.data_check_passed,
+        data_check_score=msg.data_check_score,
+        data_check_summary=msg.data_check_summary,
+        drift=DriftSummary(msg.site_id, True, msg.drifted_share, msg.dataset_drift, 0.0)
+        if msg.drift_known
+        else None,
     )
 
 
@@ -207,6 +220,80 @@ def evaluation_from_proto(msg: pb.EvaluateReply) -> SiteEvaluation:
         num_examples=msg.num_examples,
         statistics=dict(msg.statistics),
         eval_seconds=msg.eval_seconds,
+    )
+
+
+def quality_to_proto(report: QualityReport) -> pb.DataCheckReply:
+    return pb.DataCheckReply(
+        site_id=report.site_id,
+        success=report.success,
+        score=report.score,
+        rows=report.rows,
+        suite=report.suite,
+        outcomes=[
+            pb.ExpectationOutcome(
+                expectation=o.expectation,
+                column=o.column,
+                success=o.success,
+                unexpected_fraction=o.unexpected_fraction,
+            )
+            for o in report.outcomes
+        ],
+    )
+
+
+def quality_from_proto(msg: pb.DataCheckReply) -> QualityReport:
+    return QualityReport(
+        site_id=msg.site_id,
+        success=msg.success,
+        score=msg.score,
+        rows=msg.rows,
+        suite=msg.suite,
+        outcomes=tuple(
+            ExpectationOutcome(o.expectation, o.column, o.success, o.unexpected_fraction)
+            for o in msg.outcomes
+        ),
+    )
+
+
+def drift_to_proto(summary: DriftSummary) -> pb.DriftReply:
+    return pb.DriftReply(
+        site_id=summary.site_id,
+        has_reference=summary.has_reference,
+        drifted_share=summary.drifted_share,
+        dataset_drift=summary.dataset_drift,
+        drift_share_threshold=summary.drift_share_threshold,
+        features=[
+            pb.FeatureDrift(
+                column=f.column,
+                score=f.score,
+                method=f.method,
+                threshold=f.threshold,
+                drifted=f.drifted,
+            )
+            for f in summary.features
+        ],
+        reference_rows=summary.reference_rows,
+        current_rows=summary.current_rows,
+        report_html=summary.report_html,
+        reference_round=summary.reference_round,
+    )
+
+
+def drift_from_proto(msg: pb.DriftReply) -> DriftSummary:
+    return DriftSummary(
+        site_id=msg.site_id,
+        has_reference=msg.has_reference,
+        drifted_share=msg.drifted_share,
+        dataset_drift=msg.dataset_drift,
+        drift_share_threshold=msg.drift_share_threshold,
+        features=tuple(
+            FeatureDrift(f.column, f.score, f.method, f.threshold, f.drifted) for f in msg.features
+        ),
+        reference_rows=msg.reference_rows,
+        current_rows=msg.current_rows,
+        report_html=msg.report_html,
+        reference_round=msg.reference_round,
     )
 
 

@@ -91,10 +91,16 @@ def twin_moments(twin_prepared):
 
 
 def _held_ids(frame: pd.DataFrame, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Train and holdout patient ids as split_units documents: a mask over sorted unique ids."""
+    """Train and holdout patient ids, as split_units decides them (by a hash of each id)."""
     ids = np.array(sorted(frame["patient_id"].unique()))
     held = split_units(ids, HOLDOUT, seed)
     return ids[~held], ids[held]
+
+
+def _tabular_units(task, frame: pd.DataFrame) -> np.ndarray:
+    """The units the tabular task splits: ids when the schema names an id column, else rows."""
+    ids = task.schema.id_column
+    return frame[ids].astype(str).to_numpy() if ids else np.arange(len(frame))
 
 
 def _patient_keys(numeric: torch.Tensor, baseline: torch.Tensor) -> set[tuple]:
@@ -125,7 +131,7 @@ def test_twin_prepare_counts(site, twin_prepared, twin_frames, cohort):
     assert p.units == frame["patient_id"].nunique() == cohort.summary["sites"][site]["n_patients"]
     assert len(p.train) == p.train_examples
     assert len(p.holdout.next_visit[-1]) == p.holdout_examples
-    n_held = int(round(HOLDOUT * p.units))
+    n_held = len(_held_ids(frame)[1])
     assert p.holdout.trajectory.shape == (n_held, 7)
     assert p.holdout.numeric.shape == (n_held, 2)
     assert p.holdout.categorical.shape == (n_held, 2)  # sex one-hot
@@ -416,8 +422,10 @@ def test_tabular_task_kind(tabular):
 def test_tabular_prepare_counts_split_and_moments(tabular):
     task, frames, prepared, _ = tabular
     frame, p = frames[0], prepared[0]
-    assert p.units == 200 and p.holdout_examples == 40 and p.train_examples == 160
-    held = split_units(np.arange(len(frame)), HOLDOUT, SPLIT_SEED)
+    held = split_units(_tabular_units(task, frame), HOLDOUT, SPLIT_SEED)
+    n_held = int(held.sum())
+    assert 0 < n_held < 200
+    assert p.units == 200 and p.holdout_examples == n_held and p.train_examples == 200 - n_held
     train, hold = frame[~held], frame[held]
     numeric, categorical, target = p.holdout.tensors
     np.testing.assert_array_equal(numeric.numpy(), hold[["x1", "x2"]].to_numpy(np.float32))
@@ -425,9 +433,9 @@ def test_tabular_prepare_counts_split_and_moments(tabular):
     np.testing.assert_array_equal(categorical.numpy(), np.eye(3, dtype=np.float32)[codes])
     tr_numeric, tr_categorical, tr_target = p.train.tensors
     np.testing.assert_array_equal(tr_numeric.numpy(), train[["x1", "x2"]].to_numpy(np.float32))
-    assert tr_categorical.shape == (160, 3)
+    assert tr_categorical.shape == (200 - n_held, 3)
     moments = {m.column: m for m in p.moments}
-    assert moments["x1"].count == 160
+    assert moments["x1"].count == 200 - n_held
     assert moments["x1"].sum == pytest.approx(float(train["x1"].sum()), rel=1e-12)
     assert moments["x2"].sum_squares == pytest.approx(float((train["x2"] ** 2).sum()), rel=1e-12)
     if task.classification:
@@ -461,7 +469,7 @@ def test_tabular_training_lowers_loss_and_is_deterministic(tabular):
     m1, before, steps, metrics = _train(task, moments, data, config)
     after = _full_loss(task, m1, data)
     assert after < 0.5 * before
-    assert steps == 15 * math.ceil(160 / 32)
+    assert steps == 15 * math.ceil(len(data) / 32)
     m2, _, _, metrics2 = _train(task, moments, data, config)
     assert _same_weights(weights_of(m1), weights_of(m2))
     assert metrics == metrics2
@@ -494,7 +502,7 @@ def test_tabular_statistics_are_additive(tabular):
     metrics = task.metrics(summed)
     _assert_metrics_close(metrics, task.metrics(pooled))
     n = summed["n"]
-    assert n == 40 + 24
+    assert n == prepared[0].holdout_examples + prepared[1].holdout_examples
     if task.classification:
         assert metrics["accuracy"] == summed["n_correct"] / n
         assert metrics["loss"] == summed["sum_nll"] / n
@@ -522,10 +530,10 @@ def test_tabular_regression_statistics_by_hand():
         pred = model(numeric, categorical)[:, 0].double() * model.target_std.double()
         pred = pred + model.target_mean.double()
     err = target.double() - pred
-    assert stats["n"] == 12
+    assert stats["n"] == len(target) == p.holdout_examples
     assert stats["sum_abs"] == pytest.approx(float(err.abs().sum()), rel=1e-9)
     assert stats["sum_y"] == pytest.approx(float(target.double().sum()), rel=1e-12)
-    assert task.metrics(stats)["mae"] == stats["sum_abs"] / 12
+    assert task.metrics(stats)["mae"] == stats["sum_abs"] / len(target)
 
 
 def test_tabular_empty_holdout_statistics(tabular):

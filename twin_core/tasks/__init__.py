@@ -8,6 +8,7 @@ orchestrator only ever calls `build_model` and `metrics`; the data-facing parts 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,19 +63,27 @@ class Task(Protocol):
 
 
 def split_units(units: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask over sorted unique `units`: True for the holdout split.
+    """Boolean mask over `units` (ids): True for the holdout split.
 
-    Splits by unit (patient), never by row, so a patient's visits are all on one side.
-    At least one unit is held out and at least one kept when there are two or more.
+    A unit is held out when a hash of (seed, its id) falls below `holdout_fraction`, so its side
+    never changes as the site's data grows: a patient trained on yesterday is not evaluated on
+    today. Splits by unit (patient), never by row, so a patient's visits stay on one side. With
+    two or more units at least one is held out and at least one kept.
     """
     n = len(units)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    k = int(round(holdout_fraction * n))
-    k = min(max(k, 1), n - 1) if n >= 2 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    mask = np.zeros(n, dtype=bool)
-    mask[order[:k]] = True
+    draws = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "little") / 2**64
+            for u in units
+        ]
+    )
+    mask = draws < holdout_fraction
+    if n >= 2 and not mask.any():
+        mask[np.argmin(draws)] = True
+    if n >= 2 and mask.all():
+        mask[np.argmax(draws)] = False
     return mask
 
 

@@ -45,7 +45,8 @@ class PatientTwinNet(nn.Module):
 
     def forward(self, numeric, categorical, arm, history, mask, target_visit):
         """Standardised (mean, log-variance) of the visit `target_visit` (1..horizon)."""
-        x = (numeric - self.numeric_mean) / self.numeric_std
+        # a missing covariate (NaN) sits at the federation mean: 0 once standardised
+        x = torch.nan_to_num((numeric - self.numeric_mean) / self.numeric_std, nan=0.0)
         h = (history - self.target_mean) / self.target_std * mask
         visits = torch.arange(self.horizon + 1, dtype=mask.dtype)
         last = (mask * visits).amax(dim=1).long()

@@ -37,7 +37,8 @@ class TabularNet(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, numeric: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
-        x = (numeric - self.numeric_mean) / self.numeric_std
+        # a missing covariate (NaN) sits at the federation mean: 0 once standardised
+        x = torch.nan_to_num((numeric - self.numeric_mean) / self.numeric_std, nan=0.0)
         return self.net(torch.cat([x, categorical], 1))
 
 
@@ -72,7 +73,10 @@ class TabularTask:
     def prepare(
         self, frame: pd.DataFrame, holdout_fraction: float, split_seed: int
     ) -> PreparedData:
-        held = split_units(np.arange(len(frame)), holdout_fraction, split_seed)
+        ids = self.schema.id_column
+        # by id when the schema names one, else by row position (stable while rows are appended)
+        units = frame[ids].astype(str).to_numpy() if ids else np.arange(len(frame))
+        held = split_units(units, holdout_fraction, split_seed)
         train = frame[~held].reset_index(drop=True)
         holdout = TensorDataset(*self._tensors(frame[held].reset_index(drop=True)))
         moments = tuple(

@@ -72,6 +72,9 @@ def registered_model(
         "twin.task": task.name,
         "twin.schema_fingerprint": round_plan.selection.schema_fingerprint or "",
         "twin.pooled_loss": repr(float(pooled["loss"])),
+        "twin.site_losses": json.dumps(
+            {s: m["loss"] for s, m in round_evaluation.per_site.items()}, sort_keys=True
+        ),
         "twin.weights_sha256": global_model.sha256,
         "twin.started_from": round_plan.start_round or "seeded initialisation",
         "twin.code_version": code_version(),

@@ -4,7 +4,7 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from twin_core.aggregation import WeightedMean
+from twin_core.aggregation import WeightedMean, aggregation_weight
 from twin_core.dispatch import run_on_sites
 from twin_core.errors import InvalidWeights
 from twin_core.federation import Site, SiteFailure, SiteInfo, pool_moments
@@ -63,8 +63,17 @@ def round_plan(
             key, "start.twt", weights_of(model), {"seed": config.seed}
         )
         start_path, start_round, start_sha = str(path), None, manifest.sha256
+    quality = {s: infos[s].data_check_score for s in selection.chosen}
     plan = RoundPlan(
-        key, selection, schema, moments, start_path, start_round, start_sha, config.model_dump()
+        key,
+        selection,
+        schema,
+        moments,
+        start_path,
+        start_round,
+        start_sha,
+        config.model_dump(),
+        quality,
     )
     store.write_json(key, "plan.json", asdict(plan))
     return dg.Output(plan, metadata=plan_metadata(plan, config.seed))
@@ -164,17 +173,22 @@ def global_model(
     site_updates: RoundUpdates,
     store: RoundStore,
 ):
-    """FedAvg of the persisted updates: weighted by examples, float64, in sorted site order."""
+    """FedAvg of the persisted updates (weighted by examples, or examples x data-check score),
+    streamed in sorted site order into float64."""
+    config = RoundConfig(**round_plan.config)
     mean = WeightedMean()
     for record in sorted(site_updates.updates, key=lambda u: u.site_id):
-        mean.add(store.load(record.path).weights, record.num_examples)
+        weight = aggregation_weight(
+            config.strategy, record.num_examples, round_plan.quality.get(record.site_id, 1.0)
+        )
+        mean.add(store.load(record.path).weights, weight)
     weights = mean.result()
     site_examples = {u.site_id: u.num_examples for u in site_updates.updates}
     path, manifest = store.save_weights(
         round_plan.round_key,
         "candidate.twt",
         weights,
-        {"strategy": "fedavg", "site_examples": site_examples},
+        {"strategy": config.strategy, "site_examples": site_examples},
     )
     candidate = Candidate(
         round_plan.round_key,
@@ -188,7 +202,7 @@ def global_model(
     yield dg.Output(
         candidate,
         metadata={
-            "strategy": "fedavg",
+            "strategy": config.strategy,
             "sites": len(site_examples),
             "parameters": candidate.parameters,
             "sha256": manifest.sha256,

@@ -1,7 +1,8 @@
 """Resources: the site fleet, the round store and the model registry."""
 
 from twin_pipelines.resources.fleet import Fleet, GrpcFleet, InProcessFleet
+from twin_pipelines.resources.policy import DriftPolicy
 from twin_pipelines.resources.registry import MlflowRegistry
 from twin_pipelines.resources.store import RoundStore
 
-__all__ = ["Fleet", "GrpcFleet", "InProcessFleet", "MlflowRegistry", "RoundStore"]
+__all__ = ["DriftPolicy", "Fleet", "GrpcFleet", "InProcessFleet", "MlflowRegistry", "RoundStore"]

@@ -3,6 +3,7 @@ candidate, aliases `challenger` (latest passing) and `champion` (best so far).""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ import dagster as dg
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 LOSS_TAG = "twin.pooled_loss"
+SITE_LOSS_TAG = "twin.site_losses"
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class ChampionInfo:
     version: str
     pooled_loss: float | None
     round_key: str | None
+    site_losses: dict[str, float]  # per-site validation loss at registration
+    schema_fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,26 @@ class MlflowRegistry(dg.ConfigurableResource):
         except MlflowException:
             return None
         loss = mv.tags.get(LOSS_TAG)
+        site_losses = {s: float(v) for s, v in json.loads(mv.tags.get(SITE_LOSS_TAG, "{}")).items()}
         return ChampionInfo(
-            mv.version, float(loss) if loss is not None else None, mv.tags.get("twin.round")
+            str(mv.version),
+            float(loss) if loss is not None else None,
+            mv.tags.get("twin.round"),
+            site_losses,
+            mv.tags.get("twin.schema_fingerprint", ""),
         )
+
+    def log_monitoring(self, name: str, doc: dict) -> str:
+        """Record a monitoring summary as a JSON artifact of a run in the experiment."""
+        import mlflow
+
+        client = self._client()
+        experiment_id = self._experiment_id(client)
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=name, tags={"twin.kind": "monitoring"}
+        ) as run:
+            mlflow.log_dict(doc, f"{name}.json")
+        return run.info.run_id
 
     def register_round(
         self,

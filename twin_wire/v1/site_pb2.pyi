@@ -53,7 +53,7 @@ class ColumnMoments(_message.Message):
     def __init__(self, column: _Optional[str] = ..., count: _Optional[float] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ...) -> None: ...
 
 class SiteInfo(_message.Message):
-    __slots__ = ("site_id", "task", "schema_json", "schema_fingerprint", "units", "train_examples", "holdout_examples", "moments", "versions")
+    __slots__ = ("site_id", "task", "schema_json", "schema_fingerprint", "units", "train_examples", "holdout_examples", "moments", "versions", "data_check_passed", "data_check_score", "data_check_summary", "drift_known", "dataset_drift", "drifted_share")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,12 @@ class SiteInfo(_message.Message):
     HOLDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHECK_PASSED_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHECK_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHECK_SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_SHARE_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     task: str
     schema_json: str
@@ -79,7 +85,13 @@ class SiteInfo(_message.Message):
     holdout_examples: int
     moments: _containers.RepeatedCompositeFieldContainer[ColumnMoments]
     versions: _containers.ScalarMap[str, str]
-    def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    data_check_passed: bool
+    data_check_score: float
+    data_check_summary: str
+    drift_known: bool
+    dataset_drift: bool
+    drifted_share: float
+    def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., data_check_passed: _Optional[bool] = ..., data_check_score: _Optional[float] = ..., data_check_summary: _Optional[str] = ..., drift_known: _Optional[bool] = ..., dataset_drift: _Optional[bool] = ..., drifted_share: _Optional[float] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "seed", "weight_decay", "optimizer")
@@ -192,3 +204,81 @@ class EvaluateReply(_message.Message):
     statistics: _containers.ScalarMap[str, float]
     eval_seconds: float
     def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., num_examples: _Optional[int] = ..., statistics: _Optional[_Mapping[str, float]] = ..., eval_seconds: _Optional[float] = ...) -> None: ...
+
+class DataCheckRequest(_message.Message):
+    __slots__ = ("site_id",)
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    def __init__(self, site_id: _Optional[str] = ...) -> None: ...
+
+class ExpectationOutcome(_message.Message):
+    __slots__ = ("expectation", "column", "success", "unexpected_fraction")
+    EXPECTATION_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    UNEXPECTED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    expectation: str
+    column: str
+    success: bool
+    unexpected_fraction: float
+    def __init__(self, expectation: _Optional[str] = ..., column: _Optional[str] = ..., success: _Optional[bool] = ..., unexpected_fraction: _Optional[float] = ...) -> None: ...
+
+class DataCheckReply(_message.Message):
+    __slots__ = ("site_id", "success", "score", "rows", "suite", "outcomes")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    success: bool
+    score: float
+    rows: int
+    suite: str
+    outcomes: _containers.RepeatedCompositeFieldContainer[ExpectationOutcome]
+    def __init__(self, site_id: _Optional[str] = ..., success: _Optional[bool] = ..., score: _Optional[float] = ..., rows: _Optional[int] = ..., suite: _Optional[str] = ..., outcomes: _Optional[_Iterable[_Union[ExpectationOutcome, _Mapping]]] = ...) -> None: ...
+
+class DriftRequest(_message.Message):
+    __slots__ = ("site_id",)
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    def __init__(self, site_id: _Optional[str] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("column", "score", "method", "threshold", "drifted")
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FIELD_NUMBER: _ClassVar[int]
+    column: str
+    score: float
+    method: str
+    threshold: float
+    drifted: bool
+    def __init__(self, column: _Optional[str] = ..., score: _Optional[float] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., drifted: _Optional[bool] = ...) -> None: ...
+
+class DriftReply(_message.Message):
+    __slots__ = ("site_id", "has_reference", "drifted_share", "dataset_drift", "drift_share_threshold", "features", "reference_rows", "current_rows", "report_html", "reference_round")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    HAS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_SHARE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_HTML_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    has_reference: bool
+    drifted_share: float
+    dataset_drift: bool
+    drift_share_threshold: float
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    reference_rows: int
+    current_rows: int
+    report_html: bytes
+    reference_round: str
+    def __init__(self, site_id: _Optional[str] = ..., has_reference: _Optional[bool] = ..., drifted_share: _Optional[float] = ..., dataset_drift: _Optional[bool] = ..., drift_share_threshold: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., current_rows: _Optional[int] = ..., report_html: _Optional[bytes] = ..., reference_round: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,16 @@ class SiteServiceStub:
                 request_serializer=twin__wire_dot_v1_dot_site__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=twin__wire_dot_v1_dot_site__pb2.EvaluateReply.FromString,
                 _registered_method=True)
+        self.CheckData = channel.unary_unary(
+                '/twin_wire.v1.SiteService/CheckData',
+                request_serializer=twin__wire_dot_v1_dot_site__pb2.DataCheckRequest.SerializeToString,
+                response_deserializer=twin__wire_dot_v1_dot_site__pb2.DataCheckReply.FromString,
+                _registered_method=True)
+        self.Drift = channel.unary_unary(
+                '/twin_wire.v1.SiteService/Drift',
+                request_serializer=twin__wire_dot_v1_dot_site__pb2.DriftRequest.SerializeToString,
+                response_deserializer=twin__wire_dot_v1_dot_site__pb2.DriftReply.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -72,6 +82,18 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckData(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drift(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=twin__wire_dot_v1_dot_site__pb2.EvaluateRequest.FromString,
                     response_serializer=twin__wire_dot_v1_dot_site__pb2.EvaluateReply.SerializeToString,
+            ),
+            'CheckData': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckData,
+                    request_deserializer=twin__wire_dot_v1_dot_site__pb2.DataCheckRequest.FromString,
+                    response_serializer=twin__wire_dot_v1_dot_site__pb2.DataCheckReply.SerializeToString,
+            ),
+            'Drift': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drift,
+                    request_deserializer=twin__wire_dot_v1_dot_site__pb2.DriftRequest.FromString,
+                    response_serializer=twin__wire_dot_v1_dot_site__pb2.DriftReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,60 @@ class SiteService:
             '/twin_wire.v1.SiteService/Evaluate',
             twin__wire_dot_v1_dot_site__pb2.EvaluateRequest.SerializeToString,
             twin__wire_dot_v1_dot_site__pb2.EvaluateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twin_wire.v1.SiteService/CheckData',
+            twin__wire_dot_v1_dot_site__pb2.DataCheckRequest.SerializeToString,
+            twin__wire_dot_v1_dot_site__pb2.DataCheckReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twin_wire.v1.SiteService/Drift',
+            twin__wire_dot_v1_dot_site__pb2.DriftRequest.SerializeToString,
+            twin__wire_dot_v1_dot_site__pb2.DriftReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,100 @@
+"""What the sites say about their data now: data checks, drift, and the champion's performance.
+
+Refreshed by the monitoring schedule; the drift sensor reads these materializations and starts
+a retraining campaign when a site crosses its thresholds.
+"""
+
+from dataclasses import asdict
+
+import dagster as dg
+
+from twin_core.dispatch import run_on_sites
+from twin_core.federation import SiteEvaluation, SiteFailure
+from twin_core.monitoring import DriftSummary, QualityReport
+from twin_core.rounds import pool_evaluations
+from twin_core.schema import parse_schema
+from twin_pipelines.metadata import drift_metadata, performance_metadata, quality_metadata
+from twin_pipelines.resources import Fleet, MlflowRegistry, RoundStore
+
+GROUP = "monitoring"
+
+
+class MonitoringConfig(dg.Config):
+    timeout_s: float = 180.0
+
+
+@dg.asset(group_name=GROUP, kinds={"great_expectations"})
+def site_data_quality(
+    context: dg.AssetExecutionContext, config: MonitoringConfig, fleet: dg.ResourceParam[Fleet]
+) -> dg.Output[dict]:
+    """Each site's latest Great Expectations check of its data, and its quality score."""
+    results = run_on_sites(
+        fleet.sites(),
+        lambda s: s.check_data(config.timeout_s),
+        stage="data_check",
+        timeout=config.timeout_s + 5,
+    )
+    reports = {s: r for s, r in results.items() if isinstance(r, QualityReport)}
+    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    return dg.Output(reports, metadata=quality_metadata(reports, failures))
+
+
+@dg.asset(group_name=GROUP, kinds={"evidently"})
+def site_drift(
+    context: dg.AssetExecutionContext,
+    config: MonitoringConfig,
+    fleet: dg.ResourceParam[Fleet],
+    registry: MlflowRegistry,
+) -> dg.Output[dict]:
+    """Each site's Evidently drift summary: its current window against the data it last
+    trained on. The summaries (never the data) are also kept as a JSON artifact in MLflow."""
+    results = run_on_sites(
+        fleet.sites(),
+        lambda s: s.drift(config.timeout_s),
+        stage="drift",
+        timeout=config.timeout_s + 5,
+    )
+    summaries = {s: r for s, r in results.items() if isinstance(r, DriftSummary)}
+    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    doc = {
+        s: {k: v for k, v in asdict(d).items() if k != "report_html"} for s, d in summaries.items()
+    }
+    run_id = registry.log_monitoring("site_drift", doc)
+    return dg.Output(
+        summaries, metadata={**drift_metadata(summaries, failures), "mlflow_run_id": run_id}
+    )
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch"})
+def champion_performance(
+    context: dg.AssetExecutionContext,
+    config: MonitoringConfig,
+    fleet: dg.ResourceParam[Fleet],
+    store: RoundStore,
+    registry: MlflowRegistry,
+) -> dg.Output[dict]:
+    """The champion evaluated at every site now, beside its per-site loss at registration."""
+    from twin_core.tasks import task_for
+
+    champion = registry.champion()
+    if champion is None or not champion.round_key:
+        return dg.Output({}, metadata={"champion": "none registered yet"})
+    candidate = store.load(store.round_dir(champion.round_key) / "candidate.twt")
+    plan = store.read_json(champion.round_key, "plan.json")
+    task = task_for(parse_schema(plan["schema"]))
+    results = run_on_sites(
+        fleet.sites(),
+        lambda s: s.evaluate(
+            "monitor", champion.schema_fingerprint, candidate.weights, config.timeout_s
+        ),
+        stage="evaluate",
+        timeout=config.timeout_s + 5,
+    )
+    evaluations = {s: r for s, r in results.items() if isinstance(r, SiteEvaluation)}
+    now = {s: m["loss"] for s, m in pool_evaluations(task, evaluations).per_site.items()}
+    doc = {"version": champion.version, "now": now, "at_registration": champion.site_losses}
+    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    return dg.Output(doc, metadata=performance_metadata(doc, failures))
+
+
+MONITORING_ASSETS = [site_data_quality, site_drift, champion_performance]
