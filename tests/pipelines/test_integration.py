@@ -60,6 +60,8 @@ def twin_campaign(cohort_dir: Path, mlflow_uri, tmp_path_factory):
         fleet = RecordingFleet(endpoints=_endpoints(workers))
         env = _env(fleet, tmp, mlflow_uri, "integration-twin")
         results = run_campaign(env.defs, instance, 2, RoundConfig(min_sites=4))
+        monitoring = env.defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance)
+        assert monitoring.success
         yield {
             "results": results,
             "env": env,
@@ -164,9 +166,8 @@ def test_no_row_level_data_on_the_wire(twin_campaign):
     log = twin_campaign["log"]
     methods = {m for m, _, _ in log.messages}
     assert methods == {
-        "/twin_wire.v1.SiteService/GetInfo",
-        "/twin_wire.v1.SiteService/Train",
-        "/twin_wire.v1.SiteService/Evaluate",
+        f"/twin_wire.v1.SiteService/{m}"
+        for m in ("GetInfo", "Train", "Evaluate", "CheckData", "Drift")
     }
     ids, doubles, singles = _site_values(twin_campaign["cohort"])
     chunk_bytes = bytearray()
@@ -202,11 +203,15 @@ def test_message_sizes_do_not_grow_with_a_site_s_rows(twin_campaign):
             continue
         if isinstance(message, pb.EvaluateReply):
             sizes[("evaluate", message.site_id)] = message.ByteSize()
+        elif isinstance(message, pb.DataCheckReply):
+            sizes[("check", message.site_id)] = message.ByteSize()
+        elif isinstance(message, pb.DriftReply):
+            sizes[("drift", message.site_id)] = message.ByteSize()
         elif isinstance(message, pb.SiteInfo):
             sizes[("info", message.site_id)] = message.ByteSize()
         elif isinstance(message, pb.TrainReply) and message.WhichOneof("part") == "header":
             sizes[("update", message.header.site_id)] = message.header.ByteSize()
-    for kind in ("evaluate", "info", "update"):
+    for kind in ("evaluate", "info", "update", "check", "drift"):
         assert abs(sizes[(kind, "site-4")] - sizes[(kind, "site-1")]) <= 16, kind
 
 
