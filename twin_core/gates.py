@@ -58,6 +58,50 @@ def regression_gate(
     return GateResult(name, passed, detail, facts)
 
 
-def beats_champion(candidate: float, champion: float | None) -> bool:
-    """Promotion rule: a passing candidate becomes champion if strictly better (lower)."""
-    return math.isfinite(candidate) and (champion is None or candidate < champion)
+@dataclass(frozen=True)
+class PromotionDecision:
+    promote: bool
+    reasons: tuple[str, ...]
+
+
+def decide_promotion(
+    candidate: float,
+    candidate_sites: Mapping[str, float],
+    champion: float | None,
+    champion_sites: Mapping[str, float],
+    *,
+    gates_passed: bool,
+    site_tolerance: float,
+) -> PromotionDecision:
+    """Whether a challenger may replace the champion (losses: lower is better).
+
+    Only if every gate passed, it beats the champion's pooled loss, and no site it shares with
+    the champion got worse by more than `site_tolerance` (relative). The reasons say why not,
+    or on what grounds yes.
+    """
+    if not gates_passed:
+        return PromotionDecision(False, ("a validation gate failed",))
+    if not math.isfinite(candidate):
+        return PromotionDecision(False, (f"pooled loss is {candidate}",))
+    if champion is None:
+        return PromotionDecision(True, ("no champion yet",))
+    reasons = []
+    if candidate >= champion:
+        reasons.append(f"pooled loss {candidate:.5g} does not beat the champion's {champion:.5g}")
+    for site in sorted(set(candidate_sites) & set(champion_sites)):
+        before, after = champion_sites[site], candidate_sites[site]
+        change = (after - before) / max(abs(before), 1e-12)
+        if change > site_tolerance:
+            reasons.append(
+                f"{site} regresses: loss {before:.5g} -> {after:.5g} ({change:+.1%}, "
+                f"tolerance {site_tolerance:.0%})"
+            )
+    if reasons:
+        return PromotionDecision(False, tuple(reasons))
+    return PromotionDecision(
+        True,
+        (
+            f"pooled loss {candidate:.5g} beats {champion:.5g}; no site regresses beyond "
+            f"{site_tolerance:.0%}",
+        ),
+    )

@@ -34,6 +34,9 @@ def model_card(
     dagster_run_id: str,
     champion_loss: float | None,
     promoted: bool,
+    decision_reasons: Sequence[str] = (),
+    review: str = "automatic",
+    site_status: Mapping[str, Mapping[str, object]] | None = None,
 ) -> str:
     metric_names = sorted({k for m in per_site.values() for k in m} | set(pooled))
     lines = [
@@ -73,7 +76,25 @@ def model_card(
             + " | ".join(_fmt(metrics[k]) if k in metrics else "" for k in metric_names)
             + " |"
         )
-    verdict = "promoted to **champion**" if promoted else "registered as **challenger**"
+    if site_status:
+        lines += [
+            "",
+            "## Data checks and drift at each site (as reported by the site)",
+            "",
+            "| site | data check | score | drift |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {site} | {st.get('data_check', '')} | {st.get('data_check_score', '')} "
+            f"| {st.get('drift', '')} |"
+            for site, st in sorted(site_status.items())
+        ]
+    if review == "manual":
+        verdict = "registered as **challenger**, pending a reviewer's decision (review_job)"
+    elif promoted:
+        verdict = "promoted to **champion** by the automatic policy"
+    else:
+        verdict = "registered as **challenger**; the champion stays"
     before = (
         "no champion before"
         if champion_loss is None
@@ -83,7 +104,8 @@ def model_card(
         "",
         "## Promotion",
         "",
-        f"Passed every gate (finite weights, quorum, no pooled regression); {verdict} ({before}).",
+        "Passed every gate (finite weights, quorum, no pooled regression); "
+        f"{verdict} ({before}). Policy: " + ("; ".join(decision_reasons) or "n/a") + ".",
         "",
         "## Known limitations",
         "",

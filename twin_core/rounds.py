@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from twin_core.federation import ColumnMoments, SiteEvaluation, SiteFailure
+from twin_core.federation import ColumnMoments, SiteEvaluation, SiteFailure, SiteInfo
 from twin_core.selection import Selection
 
 if TYPE_CHECKING:
@@ -19,6 +19,20 @@ def site_seed(seed: int, round_key: str, site_id: str) -> int:
     """A site's training seed for a round: fixed by the campaign seed, distinct per site/round."""
     digest = hashlib.sha256(json.dumps([seed, round_key, site_id]).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def site_status_of(info: SiteInfo) -> dict:
+    """A site's data check and drift status as the round saw it (for the model card)."""
+    if info.drift is None:
+        drift = "not checked since training"
+    else:
+        label = "DRIFT" if info.drift.dataset_drift else "no drift"
+        drift = f"{label} ({info.drift.drifted_share:.0%} of columns)"
+    return {
+        "data_check": "passed" if info.data_check_passed else "failed",
+        "data_check_score": round(info.data_check_score, 4),
+        "drift": drift,
+    }
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,7 @@ class RoundPlan:
     start_sha256: str
     config: dict  # the round's run config, as set in the launchpad
     quality: dict[str, float] = field(default_factory=dict)  # data-check score per chosen site
+    site_status: dict[str, dict] = field(default_factory=dict)  # data check and drift, per site
 
 
 @dataclass(frozen=True)

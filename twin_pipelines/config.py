@@ -32,6 +32,13 @@ class RoundConfig(dg.Config):
     max_update_norm: float = Field(
         default=1e3, description="reject updates that move the model further (L2)"
     )
+    promotion: str = Field(
+        default="automatic",
+        description="automatic (the policy decides) or manual (a reviewer approves via review_job)",
+    )
+    site_regression_tolerance: float = Field(
+        default=0.05, description="relative worsening of any site's loss that blocks promotion"
+    )
     regression_tolerance: float = Field(
         default=0.02,
         description="relative worsening of pooled loss vs. the champion that still passes",
@@ -52,6 +59,8 @@ class RoundConfig(dg.Config):
             out.append("local_epochs >= 0, batch_size >= 1 and learning_rate > 0 are required")
         if min(self.info_timeout_s, self.train_timeout_s, self.eval_timeout_s) <= 0:
             out.append("timeouts must be positive")
+        if self.promotion not in ("automatic", "manual"):
+            out.append(f"unknown promotion {self.promotion!r} (choose automatic or manual)")
         if not self.max_update_norm > 0 or self.regression_tolerance < 0:
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
         return out

@@ -20,7 +20,7 @@ import dagster as dg
 from twin_pipelines.assets import ROUND_ASSETS
 from twin_pipelines.assets.monitoring import MONITORING_ASSETS
 from twin_pipelines.home import TwinHome
-from twin_pipelines.jobs import fl_campaign_job, fl_round_job, monitoring_job
+from twin_pipelines.jobs import fl_campaign_job, fl_round_job, monitoring_job, review_job
 from twin_pipelines.resources import DriftPolicy, Fleet, GrpcFleet, MlflowRegistry, RoundStore
 from twin_pipelines.resources.policy import parse_site_thresholds
 from twin_pipelines.schedules import improvement_schedule, monitoring_schedule
@@ -36,7 +36,7 @@ def build_definitions(
 ) -> dg.Definitions:
     return dg.Definitions(
         assets=ROUND_ASSETS + MONITORING_ASSETS,
-        jobs=[fl_round_job, fl_campaign_job, monitoring_job],
+        jobs=[fl_round_job, fl_campaign_job, monitoring_job, review_job],
         sensors=[campaign_sensor, drift_sensor],
         schedules=[monitoring_schedule, improvement_schedule],
         resources={

@@ -1,9 +1,12 @@
 """Jobs: one round (in-process: every step in the run's own process), and a campaign starter."""
 
 import dagster as dg
+from pydantic import Field
 
 from twin_pipelines.config import CampaignConfig
 from twin_pipelines.partitions import fl_round
+from twin_pipelines.resources import MlflowRegistry
+from twin_pipelines.resources.registry import ReviewRefused
 
 ROUND_JOB = "fl_round_job"
 
@@ -43,3 +46,30 @@ monitoring_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
     description="Refresh every site's data check, drift summary and the champion's performance.",
 )
+
+
+class ReviewConfig(dg.Config):
+    """A reviewer's decision on a registered version that waits for review."""
+
+    version: str = Field(description="the registered model version, e.g. 7")
+    decision: str = Field(description="approve or reject")
+    reviewer: str = Field(description="who decides (recorded as governance.reviewer)")
+    note: str = Field(default="", description="why (recorded as governance.note)")
+
+
+@dg.op(
+    description="Record a reviewer's decision; approval promotes to champion if the policy holds."
+)
+def review_model_version(
+    context: dg.OpExecutionContext, config: ReviewConfig, registry: MlflowRegistry
+) -> None:
+    try:
+        status = registry.review(config.version, config.decision, config.reviewer, config.note)
+    except ReviewRefused as exc:
+        raise dg.Failure(str(exc)) from None
+    context.log.info(f"{registry.model_name} v{config.version}: {status} by {config.reviewer}")
+
+
+@dg.job(description="Governance: approve or reject a version registered with promotion=manual.")
+def review_job() -> None:
+    review_model_version()

@@ -10,7 +10,7 @@ import pytest
 from twin_core.federation import ColumnMoments, SiteFailure, SiteInfo, pool_moments
 from twin_core.gates import (
     allowed_value,
-    beats_champion,
+    decide_promotion,
     finite_gate,
     quorum_gate,
     regression_gate,
@@ -263,11 +263,35 @@ def test_regression_gate_non_finite_candidate_fails(candidate, champion):
         (float("nan"), None, False),
         (float("nan"), 1.0, False),
         (float("inf"), None, False),
-        (float("-inf"), 1.0, False),
     ],
 )
-def test_beats_champion(candidate, champion, expected):
-    assert beats_champion(candidate, champion) is expected
+def test_promotion_needs_a_better_pooled_loss(candidate, champion, expected):
+    decision = decide_promotion(candidate, {}, champion, {}, gates_passed=True, site_tolerance=0.05)
+    assert decision.promote is expected and decision.reasons
+
+
+def test_promotion_refuses_a_site_that_regresses_beyond_tolerance():
+    champion = {"a": 2.0, "b": 1.0, "c": 3.0}
+    # pooled better, but site b worsens by 10 % (> 5 %): refused, and the reason names b
+    worse_b = {"a": 1.8, "b": 1.1, "c": 2.9}
+    decision = decide_promotion(1.9, worse_b, 2.0, champion, gates_passed=True, site_tolerance=0.05)
+    assert not decision.promote
+    assert decision.reasons == ("b regresses: loss 1 -> 1.1 (+10.0%, tolerance 5%)",)
+    # 4 % worse at b is within tolerance: promoted
+    fine = {"a": 1.8, "b": 1.04, "c": 2.9}
+    assert decide_promotion(
+        1.9, fine, 2.0, champion, gates_passed=True, site_tolerance=0.05
+    ).promote
+    # a site the champion never saw cannot regress
+    new_site = {**fine, "d": 50.0}
+    assert decide_promotion(
+        1.9, new_site, 2.0, champion, gates_passed=True, site_tolerance=0.05
+    ).promote
+
+
+def test_promotion_never_follows_a_failed_gate():
+    decision = decide_promotion(0.1, {}, None, {}, gates_passed=False, site_tolerance=1.0)
+    assert not decision.promote and decision.reasons == ("a validation gate failed",)
 
 
 # ---- site_seed --------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def twin_campaign(cohort_dir: Path, mlflow_uri, tmp_path_factory):
         fleet = RecordingFleet(endpoints=_endpoints(workers))
         env = _env(fleet, tmp, mlflow_uri, "integration-twin")
         results = run_campaign(env.defs, instance, 2, RoundConfig(min_sites=4))
-        monitoring = env.defs.resolve_job_def("monitoring_job").execute_in_process(instance=instance)
+        monitoring = env.defs.resolve_job_def("monitoring_job").execute_in_process(
+            instance=instance
+        )
         assert monitoring.success
         yield {
             "results": results,

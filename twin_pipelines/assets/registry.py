@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from twin_core.gates import beats_champion
+from twin_core.gates import decide_promotion
 from twin_core.model_card import model_card
 from twin_core.rounds import Candidate, RoundEvaluation, RoundPlan, RoundUpdates
 from twin_core.schema import parse_schema
@@ -39,6 +39,21 @@ def code_version() -> str:
     return f"{own}+g{commit}"
 
 
+def governance_tags(decision, manual: bool, site_tolerance: float) -> dict[str, str]:
+    """What a reviewer sees in the registry: the policy's verdict and who decides."""
+    if manual:
+        status, reviewer = "pending_review", ""
+    else:
+        status, reviewer = ("approved" if decision.promote else "not_promoted"), "policy:automatic"
+    return {
+        "governance.status": status,
+        "governance.reviewer": reviewer,
+        "governance.policy": "promote" if decision.promote else "keep_champion",
+        "governance.reasons": "; ".join(decision.reasons),
+        "governance.site_tolerance": repr(site_tolerance),
+    }
+
+
 @dg.asset(partitions_def=fl_round, group_name="fl_round", kinds={"mlflow"})
 def registered_model(
     context: dg.AssetExecutionContext,
@@ -61,7 +76,18 @@ def registered_model(
     pooled = round_evaluation.pooled
     champion = registry.champion()
     champion_loss = champion.pooled_loss if champion else None
-    promote = beats_champion(pooled["loss"], champion_loss)
+    site_losses = {s: m["loss"] for s, m in round_evaluation.per_site.items()}
+    # registered_model runs only after every blocking check passed
+    decision = decide_promotion(
+        pooled["loss"],
+        site_losses,
+        champion_loss,
+        champion.site_losses if champion else {},
+        gates_passed=True,
+        site_tolerance=config.site_regression_tolerance,
+    )
+    manual = config.promotion == "manual"
+    promote = decision.promote and not manual
     failures = site_updates.failures + round_evaluation.failures
     lineage = {
         "twin.round": key,
@@ -72,12 +98,11 @@ def registered_model(
         "twin.task": task.name,
         "twin.schema_fingerprint": round_plan.selection.schema_fingerprint or "",
         "twin.pooled_loss": repr(float(pooled["loss"])),
-        "twin.site_losses": json.dumps(
-            {s: m["loss"] for s, m in round_evaluation.per_site.items()}, sort_keys=True
-        ),
+        "twin.site_losses": json.dumps(site_losses, sort_keys=True),
         "twin.weights_sha256": global_model.sha256,
         "twin.started_from": round_plan.start_round or "seeded initialisation",
         "twin.code_version": code_version(),
+        **governance_tags(decision, manual, config.site_regression_tolerance),
     }
     registered = registry.register_round(
         round_key=key,
@@ -123,6 +148,9 @@ def registered_model(
             dagster_run_id=context.run_id,
             champion_loss=champion_loss,
             promoted=promote,
+            decision_reasons=decision.reasons,
+            review="manual" if manual else "automatic",
+            site_status=round_plan.site_status,
         ),
         promote=promote,
     )

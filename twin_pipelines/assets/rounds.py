@@ -9,7 +9,14 @@ from twin_core.dispatch import run_on_sites
 from twin_core.errors import InvalidWeights
 from twin_core.federation import Site, SiteFailure, SiteInfo, pool_moments
 from twin_core.gates import finite_gate, quorum_gate
-from twin_core.rounds import Candidate, RoundPlan, RoundUpdates, UpdateRecord, site_seed
+from twin_core.rounds import (
+    Candidate,
+    RoundPlan,
+    RoundUpdates,
+    UpdateRecord,
+    site_seed,
+    site_status_of,
+)
 from twin_core.schema import parse_schema
 from twin_core.selection import select_sites
 from twin_core.weights import StoredWeights, check_update
@@ -64,6 +71,7 @@ def round_plan(
         )
         start_path, start_round, start_sha = str(path), None, manifest.sha256
     quality = {s: infos[s].data_check_score for s in selection.chosen}
+    site_status = {s: site_status_of(i) for s, i in sorted(infos.items())}
     plan = RoundPlan(
         key,
         selection,
@@ -74,6 +82,7 @@ def round_plan(
         start_sha,
         config.model_dump(),
         quality,
+        site_status,
     )
     store.write_json(key, "plan.json", asdict(plan))
     return dg.Output(plan, metadata=plan_metadata(plan, config.seed))

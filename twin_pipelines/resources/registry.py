@@ -16,6 +16,10 @@ LOSS_TAG = "twin.pooled_loss"
 SITE_LOSS_TAG = "twin.site_losses"
 
 
+class ReviewRefused(Exception):
+    """A review decision that governance does not allow (wrong state, policy not met)."""
+
+
 @dataclass(frozen=True)
 class ChampionInfo:
     version: str
@@ -78,6 +82,50 @@ class MlflowRegistry(dg.ConfigurableResource):
             site_losses,
             mv.tags.get("twin.schema_fingerprint", ""),
         )
+
+    def review(self, version: str, decision: str, reviewer: str, note: str = "") -> str:
+        """A reviewer's decision on a version pending review; returns its new status.
+
+        Approval makes it champion only if the promotion policy still holds against the
+        champion of now (which may have changed since registration). Raises ReviewRefused.
+        """
+        from twin_core.gates import decide_promotion
+
+        client = self._client()
+        mv = client.get_model_version(self.model_name, version)
+        status = mv.tags.get("governance.status", "")
+        if status != "pending_review":
+            raise ReviewRefused(f"version {version} is {status or 'untracked'}, not pending review")
+        if decision not in ("approve", "reject"):
+            raise ReviewRefused(f"decision must be approve or reject, got {decision!r}")
+        if not reviewer.strip():
+            raise ReviewRefused("the reviewer must be named")
+        if decision == "approve":
+            champion = self.champion()
+            verdict = decide_promotion(
+                float(mv.tags[LOSS_TAG]),
+                json.loads(mv.tags.get(SITE_LOSS_TAG, "{}")),
+                champion.pooled_loss if champion else None,
+                champion.site_losses if champion else {},
+                gates_passed=True,
+                site_tolerance=float(mv.tags.get("governance.site_tolerance", "0.05")),
+            )
+            if not verdict.promote:
+                raise ReviewRefused(
+                    f"version {version} cannot become champion: " + "; ".join(verdict.reasons)
+                )
+        new_status = "approved" if decision == "approve" else "rejected"
+        tags = {
+            "governance.status": new_status,
+            "governance.reviewer": reviewer.strip(),
+            "governance.note": note,
+            "governance.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(self.model_name, version, key, value)
+        if decision == "approve":
+            client.set_registered_model_alias(self.model_name, CHAMPION, version)
+        return new_status
 
     def log_monitoring(self, name: str, doc: dict) -> str:
         """Record a monitoring summary as a JSON artifact of a run in the experiment."""
