@@ -33,7 +33,9 @@ def test_workspace_loads_without_heavy_imports(tmp_path: Path):
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['fl_campaign_job', 'fl_round_job', 'monitoring_job']"
+    assert (
+        out.stdout.strip() == "['fl_campaign_job', 'fl_round_job', 'monitoring_job', 'review_job']"
+    )
     validate = subprocess.run(
         [
             str(Path(sys.executable).parent / "dagster"),

@@ -3,7 +3,6 @@ A rejected or failed candidate never becomes champion."""
 
 from __future__ import annotations
 
-import dagster as dg
 import pytest
 
 from tests.conftest import SITES
