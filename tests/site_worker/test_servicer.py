@@ -180,3 +180,39 @@ def test_model_far_above_grpc_message_limit_round_trips():
         site.close()
     finally:
         srv.stop(grace=1)
+
+
+def test_data_check_and_drift_over_grpc(client, server):
+    _, handler = server
+    report = client.check_data(timeout=60)
+    assert report.success and report.rows == len(handler.frame)
+    assert [o.expectation for o in report.outcomes][:2] == [
+        "expect_column_values_to_be_between",
+        "expect_column_values_to_not_be_null",
+    ]
+    drift = client.drift(timeout=60)
+    assert drift.site_id == "site-1" and drift.report_html == b""
+    assert drift.has_reference == (handler._reference is not None)
+
+
+def test_a_failing_data_check_refuses_training_with_its_reasons(make_handler):
+    healthy = make_handler("site-2")
+    frame = healthy.frame.copy()
+    frame.loc[frame.index[:30], "bmi"] = None  # beyond the 5 % missingness limit
+    handler = SiteHandler("site-2", healthy.schema, frame)
+    srv = SiteServer({"site-2": handler}, "127.0.0.1", 0)
+    srv.start()
+    try:
+        site = GrpcSite("site-2", f"127.0.0.1:{srv.port}")
+        info = site.info(timeout=30)
+        assert (
+            not info.data_check_passed
+            and "expect_column_values_to_not_be_null(bmi)" in info.data_check_summary
+        )
+        with pytest.raises(SiteCallError) as exc:
+            site.train("r1", handler.schema.fingerprint, TrainConfig(), _start_weights(handler), 30)
+        assert exc.value.code == "FAILED_PRECONDITION"
+        assert exc.value.message.startswith("data check failed: 1 of 11 expectations failed")
+        site.close()
+    finally:
+        srv.stop(grace=1)
