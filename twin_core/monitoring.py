@@ -6,6 +6,7 @@ share of rows failed or how far a distribution moved. Never a value, a row index
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -123,13 +124,26 @@ def performance_triggers(
     at_registration: Mapping[str, float],
     tolerance: float,
     metric: str = "loss",
+    standard_errors: tuple[Mapping[str, float], Mapping[str, float]] | None = None,
+    min_z: float = 3.0,
 ) -> list[DriftTrigger]:
     """Sites where the champion's `metric` (lower is better) worsened by more than `tolerance`
-    (relative) since it was registered."""
+    (relative) since it was registered.
+
+    With `standard_errors` (now, at registration), the worsening must also be significant:
+    z = (now - then) / sqrt(se_now^2 + se_then^2) >= min_z, so a small site's sampling noise
+    does not start a campaign.
+    """
     out = []
     for site_id in sorted(set(now) & set(at_registration)):
         before, after = at_registration[site_id], now[site_id]
         change = (after - before) / max(abs(before), 1e-12)
+        if standard_errors is not None:
+            se_now, se_then = (se.get(site_id) for se in standard_errors)
+            if se_now is not None and se_then is not None:
+                spread = math.hypot(se_now, se_then)
+                if spread > 0 and (after - before) / spread < min_z:
+                    continue
         if change > tolerance:
             out.append(
                 DriftTrigger(
@@ -141,3 +155,8 @@ def performance_triggers(
                 )
             )
     return out
+
+
+def monitoring_values(per_site: Mapping[str, Mapping[str, float]], metric: str) -> dict[str, list]:
+    """Per site: [the monitoring metric, its standard error or None when the task has none]."""
+    return {s: [m[metric], m.get(f"{metric}_se")] for s, m in per_site.items() if metric in m}

@@ -206,12 +206,14 @@ def drift_metadata(summaries: dict, failures: list[SiteFailure]) -> dict:
 
 
 def performance_metadata(doc: dict, failures: list[SiteFailure]) -> dict:
-    before, now = doc["at_registration"], doc["now"]
+    """The champion's monitoring metric per site, at registration and now."""
+    before = {s: v[0] for s, v in doc["at_registration"].items()}
+    now = {s: v[0] for s, v in doc["now"].items()}
     rows = [
         {
             "site": s,
-            "loss_at_registration": before.get(s),
-            "loss_now": now.get(s),
+            "at_registration": before.get(s),
+            "now": now.get(s),
             "change": (now[s] - before[s]) / max(abs(before[s]), 1e-12)
             if s in now and s in before
             else None,
@@ -220,13 +222,16 @@ def performance_metadata(doc: dict, failures: list[SiteFailure]) -> dict:
     ]
     columns = [
         ("site", "string"),
-        ("loss_at_registration", "float"),
-        ("loss_now", "float"),
+        ("at_registration", "float"),
+        ("now", "float"),
         ("change", "float"),
     ]
     return {
         "champion_version": doc["version"],
+        "metric": doc["metric"],
         "sites": table(columns, rows),
-        "performance": dg.MetadataValue.json({"now": now, "at_registration": before}),
+        "performance": dg.MetadataValue.json(
+            {"metric": doc["metric"], "now": doc["now"], "at_registration": doc["at_registration"]}
+        ),
         "unreachable": len(failures),
     }

@@ -88,10 +88,16 @@ def drift_request(
         if "performance" in metadata:
             perf = metadata["performance"].value
             version = str(metadata["champion_version"].value)
+            now = {s: v[0] for s, v in perf["now"].items()}
+            then = {s: v[0] for s, v in perf["at_registration"].items()}
+            errors = tuple(
+                {s: v[1] for s, v in side.items() if v[1] is not None}
+                for side in (perf["now"], perf["at_registration"])
+            )
             triggers += [
                 replace(t, reference_round=f"v{version}")
                 for t in performance_triggers(
-                    perf["now"], perf["at_registration"], policy.performance_tolerance
+                    now, then, policy.performance_tolerance, perf["metric"], errors
                 )
             ]
     if not triggers:

@@ -162,3 +162,52 @@ def test_a_site_failing_its_data_check_is_skipped_and_reported(make_handler, rou
     decision = next(d for d in plan["selection"]["decisions"] if d["site_id"] == "site-2")
     assert not decision["chosen"] and decision["reason"].startswith("data check failed")
     assert "of rows" in decision["reason"]
+
+
+class ReplacedExtract:
+    """A hospital's extract that is replaced wholesale (a new export of the same patients)."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame, self.edition = frame, 1
+
+    def replace_with(self, frame: pd.DataFrame) -> None:
+        self.frame, self.edition = frame, self.edition + 1
+
+    def version(self) -> int:
+        return self.edition
+
+    def load(self):
+        return SCHEMA, check_frame(SCHEMA, self.frame)
+
+
+def test_a_concept_shift_is_caught_by_the_performance_check(round_env, instance):
+    """The disease course changes at site-5 (slope of severity, twin-model.md concept shift):
+    the inputs look the same, so data drift stays quiet, but the champion's trajectory
+    forecasts there get worse than at registration, and the sensor asks for retraining."""
+    before = generate_cohort(CohortConfig(seed=7))
+    after = generate_cohort(
+        CohortConfig(seed=7, drift=(DriftSpec("site-5", "concept_slope", 0.0),))
+    )
+    sources = {s: ReplacedExtract(before.site(s)) for s in SITES}
+    handlers = {s: SiteHandler.from_source(s, src) for s, src in sources.items()}
+    env = round_env(InProcessFleet(handlers))
+    assert run_round(env.defs, instance, RoundConfig(min_sites=3)).success
+    assert env.alias("champion") == "1"
+
+    _materialize_monitoring(env, instance)
+    result, cursor = _sense(instance)
+    assert isinstance(result, dg.SkipReason)  # same data, same performance
+
+    sources["site-5"].replace_with(after.site("site-5"))
+    monitoring = _materialize_monitoring(env, instance)
+    perf = monitoring.asset_materializations_for_node("champion_performance")[0].metadata
+    assert perf["metric"].value == "trajectory_mae"
+    change = {r.data["site"]: r.data["change"] for r in perf["sites"].records}
+    assert change["site-5"] > 0.10 and change["site-3"] == change["site-4"] == 0.0
+    drift = monitoring.asset_materializations_for_node("site_drift")[0].metadata
+    assert drift["sites_drifting"].value == 0  # the inputs did not move
+
+    request, _ = _sense(instance, cursor)
+    assert isinstance(request, dg.RunRequest), request
+    assert request.tags["twin/drift_sites"] == "site-5"
+    assert request.run_key == "drift:site-5/performance_drift/v1"

@@ -38,6 +38,7 @@ class Task(Protocol):
     name: str
     schema: DataSchema
     statistic_names: tuple[str, ...]
+    monitoring_metric: str  # the metric (lower is better) whose worsening is performance drift
 
     def prepare(
         self, frame: pd.DataFrame, holdout_fraction: float, split_seed: int

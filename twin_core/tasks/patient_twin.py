@@ -80,6 +80,9 @@ class TwinHoldout:
 
 class PatientTwinTask:
     name = "patient_twin"
+    # what monitoring watches: the whole forecast trajectory, which drifts visibly when the
+    # disease course changes (a concept shift), long before next-visit likelihood does
+    monitoring_metric = "trajectory_mae"
 
     def __init__(self, schema: DataSchema):
         self.schema = schema
@@ -90,6 +93,7 @@ class PatientTwinTask:
             ("n", "sum_nll", "sum_abs", "sum_sq", "n_covered90")
             + tuple(f"h{h}_abs" for h in horizons)
             + tuple(f"h{h}_n" for h in horizons)
+            + ("traj_abs2",)
         )
 
     # -- data (site side) --------------------------------------------------------------
@@ -197,7 +201,7 @@ class PatientTwinTask:
         """Forecast each trajectory from baseline alone, feeding forecasts back as history."""
         y = holdout.trajectory
         n = y.shape[0]
-        out: dict[str, float] = {}
+        out: dict[str, float] = {"traj_abs2": 0.0}
         history = torch.zeros(n, self.horizon + 1)
         mask = torch.zeros(n, self.horizon + 1)
         history[:, 0], mask[:, 0] = y[:, 0].float(), 1.0
@@ -210,6 +214,7 @@ class PatientTwinTask:
             err = (y[:, h] - mean.double())[observed]
             out[f"h{h}_abs"] = float(err.abs().sum())
             out[f"h{h}_n"] = float(observed.sum())
+            out["traj_abs2"] += float((err**2).sum())
             history[:, h], mask[:, h] = mean, 1.0
         return out
 
@@ -223,8 +228,16 @@ class PatientTwinTask:
             "rmse": math.sqrt(statistics["sum_sq"] / n),
             "coverage90": statistics["n_covered90"] / n,
         }
+        total_abs = total_n = 0.0
         for h in range(1, self.horizon + 1):
             count = statistics.get(f"h{h}_n", 0.0)
             if count:
                 out[f"mae_h{h}"] = statistics[f"h{h}_abs"] / count
+                total_abs, total_n = total_abs + statistics[f"h{h}_abs"], total_n + count
+        if total_n:
+            mean_abs = total_abs / total_n  # forecast from baseline, all horizons
+            out["trajectory_mae"] = mean_abs
+            # standard error of that mean (errors of one patient's horizons taken as independent)
+            variance = max(statistics.get("traj_abs2", 0.0) / total_n - mean_abs**2, 0.0)
+            out["trajectory_mae_se"] = math.sqrt(variance / total_n)
         return out

@@ -44,6 +44,7 @@ class TabularNet(nn.Module):
 
 class TabularTask:
     name = "tabular"
+    monitoring_metric = "loss"
 
     def __init__(self, schema: DataSchema):
         self.schema = schema

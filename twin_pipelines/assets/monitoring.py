@@ -10,7 +10,7 @@ import dagster as dg
 
 from twin_core.dispatch import run_on_sites
 from twin_core.federation import SiteEvaluation, SiteFailure
-from twin_core.monitoring import DriftSummary, QualityReport
+from twin_core.monitoring import DriftSummary, QualityReport, monitoring_values
 from twin_core.rounds import pool_evaluations
 from twin_core.schema import parse_schema
 from twin_pipelines.metadata import drift_metadata, performance_metadata, quality_metadata
@@ -73,7 +73,8 @@ def champion_performance(
     store: RoundStore,
     registry: MlflowRegistry,
 ) -> dg.Output[dict]:
-    """The champion evaluated at every site now, beside its per-site loss at registration."""
+    """The champion evaluated at every site now, beside the same per-site metric at its
+    registration (the task's monitoring metric: trajectory MAE for the patient twin)."""
     from twin_core.tasks import task_for
 
     champion = registry.champion()
@@ -91,8 +92,14 @@ def champion_performance(
         timeout=config.timeout_s + 5,
     )
     evaluations = {s: r for s, r in results.items() if isinstance(r, SiteEvaluation)}
-    now = {s: m["loss"] for s, m in pool_evaluations(task, evaluations).per_site.items()}
-    doc = {"version": champion.version, "now": now, "at_registration": champion.site_losses}
+    metric = champion.monitoring_metric
+    per_site = pool_evaluations(task, evaluations).per_site
+    doc = {
+        "version": champion.version,
+        "metric": metric,
+        "now": monitoring_values(per_site, metric),
+        "at_registration": {s: list(v) for s, v in champion.site_monitoring.items()},
+    }
     failures = [r for r in results.values() if isinstance(r, SiteFailure)]
     return dg.Output(doc, metadata=performance_metadata(doc, failures))
 

@@ -11,6 +11,7 @@ import dagster as dg
 
 from twin_core.gates import decide_promotion
 from twin_core.model_card import model_card
+from twin_core.monitoring import monitoring_values
 from twin_core.rounds import Candidate, RoundEvaluation, RoundPlan, RoundUpdates
 from twin_core.schema import parse_schema
 from twin_pipelines.config import RoundConfig
@@ -99,6 +100,10 @@ def registered_model(
         "twin.schema_fingerprint": round_plan.selection.schema_fingerprint or "",
         "twin.pooled_loss": repr(float(pooled["loss"])),
         "twin.site_losses": json.dumps(site_losses, sort_keys=True),
+        "twin.monitoring_metric": task.monitoring_metric,
+        "twin.site_monitoring": json.dumps(
+            monitoring_values(round_evaluation.per_site, task.monitoring_metric), sort_keys=True
+        ),
         "twin.weights_sha256": global_model.sha256,
         "twin.started_from": round_plan.start_round or "seeded initialisation",
         "twin.code_version": code_version(),

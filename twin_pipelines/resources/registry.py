@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -27,6 +27,9 @@ class ChampionInfo:
     round_key: str | None
     site_losses: dict[str, float]  # per-site validation loss at registration
     schema_fingerprint: str = ""
+    monitoring_metric: str = "loss"
+    # that metric per site at registration, with its standard error (None if unknown)
+    site_monitoring: dict[str, tuple[float, float | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class MlflowRegistry(dg.ConfigurableResource):
             mv.tags.get("twin.round"),
             site_losses,
             mv.tags.get("twin.schema_fingerprint", ""),
+            mv.tags.get("twin.monitoring_metric", "loss"),
+            {s: tuple(v) for s, v in json.loads(mv.tags.get("twin.site_monitoring", "{}")).items()},
         )
 
     def review(self, version: str, decision: str, reviewer: str, note: str = "") -> str:
