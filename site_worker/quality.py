@@ -64,7 +64,8 @@ def _in_set(column: str, labels: tuple) -> Spec:
 def _feature_specs(f: Feature) -> list[Spec]:
     if f.kind == "categorical":
         return [_in_set(f.name, f.categories), _not_null(f.name, f.max_missing)]
-    specs = []
+    numeric_types = {"column": f.name, "type_list": ["float64", "float32", "int64", "int32"]}
+    specs: list[Spec] = [("expect_column_values_to_be_in_type_list", numeric_types)]
     if f.min is not None or f.max is not None:
         bounds = {"column": f.name, "min_value": f.min, "max_value": f.max}
         specs.append(("expect_column_values_to_be_between", bounds))
@@ -80,7 +81,13 @@ def expectation_specs(schema: DataSchema) -> list[Spec]:
     Returns:
         ``(expectation type, kwargs)`` pairs, one per expectation.
     """
-    specs = [s for f in schema.features for s in _feature_specs(f)]
+    specs: list[Spec] = [
+        (
+            "expect_table_columns_to_match_set",
+            {"column_set": schema.required_columns, "exact_match": False},
+        )
+    ]
+    specs += [s for f in schema.features for s in _feature_specs(f)]
     if schema.task == "patient_twin":
         idc, visit, arm = schema.id_column, schema.visit_column, schema.arm_column
         assert idc and visit and arm  # parse_schema requires them for this task
@@ -139,11 +146,12 @@ def _prepare(schema: DataSchema, frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**{c: _comparable(frame[c], labels) for c, labels in labelled.items()})
 
 
-def _fraction(result: dict) -> float:
-    """Share of all rows that failed; a check GX could not compute (no counts) counts as all."""
+def _fraction(result: dict, success: bool) -> float:
+    """Share of all rows that failed. Table- and type-level checks have no row counts: they
+    hold for all rows or none; a check GX could not compute (no counts) counts as all."""
     rows, unexpected = result.get("element_count"), result.get("unexpected_count")
     if rows is None or unexpected is None:
-        return 1.0
+        return 0.0 if success and "observed_value" in result else 1.0
     return float(unexpected) / float(rows) if rows else 0.0
 
 
@@ -172,7 +180,12 @@ def check_data(site_id: str, schema: DataSchema, frame: pd.DataFrame) -> Quality
         result = by_id[eid]
         column = kwargs.get("column") or ",".join(kwargs.get("column_list", ()))
         outcomes.append(
-            ExpectationOutcome(kind, column, bool(result.success), _fraction(dict(result.result)))
+            ExpectationOutcome(
+                kind,
+                column,
+                bool(result.success),
+                _fraction(dict(result.result), bool(result.success)),
+            )
         )
     return QualityReport(
         site_id=site_id,

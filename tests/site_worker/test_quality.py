@@ -20,12 +20,17 @@ NOT_NULL = "expect_column_values_to_not_be_null"
 IN_SET = "expect_column_values_to_be_in_set"
 UNIQUE = "expect_column_values_to_be_unique"
 COMPOUND = "expect_compound_columns_to_be_unique"
+COLUMNS = "expect_table_columns_to_match_set"
+TYPES = "expect_column_values_to_be_in_type_list"
 
 TWIN_SUITE = [
+    (COLUMNS, ""),
+    (TYPES, "age"),
     (BETWEEN, "age"),
     (NOT_NULL, "age"),
     (IN_SET, "sex"),
     (NOT_NULL, "sex"),
+    (TYPES, "bmi"),
     (BETWEEN, "bmi"),
     (NOT_NULL, "bmi"),
     (COMPOUND, "patient_id,visit"),
@@ -91,7 +96,7 @@ def test_cohort_sites_pass_the_twin_suite(cohort, schema, site_id):
     assert [(o.expectation, o.column) for o in report.outcomes] == TWIN_SUITE
     assert outcome(report, NOT_NULL, "y").unexpected_fraction == frame["y"].isna().mean() > 0
     others = [o.unexpected_fraction for o in report.outcomes if o.column != "y"]
-    assert others == [0.0] * 10
+    assert others == [0.0] * 13
 
 
 def test_ages_out_of_range_fail_only_the_age_range(schema, site3):
@@ -102,7 +107,7 @@ def test_ages_out_of_range_fail_only_the_age_range(schema, site3):
     assert failed(report) == [(BETWEEN, "age")]
     assert outcome(report, BETWEEN, "age").unexpected_fraction == 3 / 1050
     y_missing = frame["y"].isna().mean()
-    assert report.score == pytest.approx((9 + (1 - 3 / 1050) + (1 - y_missing)) / 11)
+    assert report.score == pytest.approx((12 + (1 - 3 / 1050) + (1 - y_missing)) / 14)
 
 
 @pytest.mark.parametrize(("missing", "passes"), [(21, True), (105, False)])
@@ -175,6 +180,8 @@ def test_tabular_regression_passes_then_fails_on_duplicate_id_and_low_dose():
     report = check_data("site-t", schema, frame)
     assert report.success and report.rows == 20
     assert [(o.expectation, o.column) for o in report.outcomes] == [
+        (COLUMNS, ""),
+        (TYPES, "dose"),
         (BETWEEN, "dose"),
         (NOT_NULL, "dose"),
         (IN_SET, "colour"),
@@ -190,14 +197,14 @@ def test_tabular_regression_passes_then_fails_on_duplicate_id_and_low_dose():
     report = check_data("site-t", schema, bad)
     assert failed(report) == [(BETWEEN, "dose"), (UNIQUE, "record")]
     assert [o.unexpected_fraction for o in report.failed] == [1 / 20, 2 / 20]
-    assert report.score == pytest.approx((6 + (1 - 1 / 20) + (1 - 2 / 20)) / 8)
+    assert report.score == pytest.approx((8 + (1 - 1 / 20) + (1 - 2 / 20)) / 10)
 
 
 def test_tabular_classification_passes_then_fails_on_unknown_labels():
     schema = parse_schema({**TABULAR, "problem": "classification", "classes": ["no", "yes"]})
     frame = check_frame(schema, tabular_frame("classification"))
     report = check_data("site-t", schema, frame)
-    assert report.success and len(report.outcomes) == 9
+    assert report.success and len(report.outcomes) == 11
     assert report.outcomes[-2] == ExpectationOutcome(IN_SET, "outcome", True, 0.0)
     bad = frame.copy()
     bad.loc[[2, 3], "outcome"] = "maybe"
@@ -213,9 +220,9 @@ def test_a_check_gx_cannot_compute_fails_for_all_rows():
     frame = tabular_frame("regression").drop(columns="record")
     frame["dose"] = frame["dose"].astype(str)  # bypasses check_frame: text in a numeric column
     report = check_data("site-t", schema, frame)
-    assert failed(report) == [(BETWEEN, "dose")]
+    assert failed(report) == [(TYPES, "dose"), (BETWEEN, "dose")]
     assert outcome(report, BETWEEN, "dose").unexpected_fraction == 1.0
-    assert len(report.outcomes) == 7  # no id column, no uniqueness expectation
+    assert len(report.outcomes) == 9  # no id column, no uniqueness expectation
 
 
 def test_report_carries_no_values_or_ids(schema):

@@ -186,9 +186,10 @@ def test_data_check_and_drift_over_grpc(client, server):
     _, handler = server
     report = client.check_data(timeout=60)
     assert report.success and report.rows == len(handler.frame)
-    assert [o.expectation for o in report.outcomes][:2] == [
+    assert [o.expectation for o in report.outcomes][:3] == [
+        "expect_table_columns_to_match_set",
+        "expect_column_values_to_be_in_type_list",
         "expect_column_values_to_be_between",
-        "expect_column_values_to_not_be_null",
     ]
     drift = client.drift(timeout=60)
     assert drift.site_id == "site-1" and drift.report_html == b""
@@ -212,7 +213,7 @@ def test_a_failing_data_check_refuses_training_with_its_reasons(make_handler):
         with pytest.raises(SiteCallError) as exc:
             site.train("r1", handler.schema.fingerprint, TrainConfig(), _start_weights(handler), 30)
         assert exc.value.code == "FAILED_PRECONDITION"
-        assert exc.value.message.startswith("data check failed: 1 of 11 expectations failed")
+        assert exc.value.message.startswith("data check failed: 1 of 14 expectations failed")
         site.close()
     finally:
         srv.stop(grace=1)
