@@ -54,3 +54,12 @@ def run_on_sites(
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return {s: results[s] for s in sorted(results)}
+
+
+def split_failures(
+    results: Mapping[str, T | SiteFailure],
+) -> tuple[dict[str, T], list[SiteFailure]]:
+    """Fan-out results as (answers by site, failures), both in site order."""
+    answers = {s: r for s, r in results.items() if not isinstance(r, SiteFailure)}
+    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    return answers, failures

@@ -5,9 +5,9 @@ from dataclasses import asdict, replace
 
 import dagster as dg
 
-from twin_core.dispatch import run_on_sites
+from twin_core.dispatch import run_on_sites, split_failures
 from twin_core.errors import SiteCallError
-from twin_core.federation import Site, SiteEvaluation, SiteFailure
+from twin_core.federation import Site, SiteEvaluation
 from twin_core.gates import regression_gate
 from twin_core.rounds import Candidate, RoundPlan, pool_evaluations
 from twin_core.schema import parse_schema
@@ -73,8 +73,8 @@ def round_evaluation(
         )
 
     results = run_on_sites(targets, evaluate, stage="evaluate", timeout=config.eval_timeout_s + 10)
-    evaluations = {s: r for s, r in results.items() if isinstance(r, SiteEvaluation)}
-    failures = tuple(r for r in results.values() if isinstance(r, SiteFailure))
+    evaluations, failure_list = split_failures(results)
+    failures = tuple(failure_list)
     if not evaluations:
         raise dg.Failure(f"no site could evaluate the candidate: {failure_lines(failures)}")
     evaluation = replace(pool_evaluations(task, evaluations), failures=failures)

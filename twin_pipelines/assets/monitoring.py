@@ -8,9 +8,8 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from twin_core.dispatch import run_on_sites
-from twin_core.federation import SiteEvaluation, SiteFailure
-from twin_core.monitoring import DriftSummary, QualityReport, monitoring_values
+from twin_core.dispatch import run_on_sites, split_failures
+from twin_core.monitoring import monitoring_values
 from twin_core.rounds import pool_evaluations
 from twin_core.schema import parse_schema
 from twin_pipelines.metadata import drift_metadata, performance_metadata, quality_metadata
@@ -34,8 +33,7 @@ def site_data_quality(
         stage="data_check",
         timeout=config.timeout_s + 5,
     )
-    reports = {s: r for s, r in results.items() if isinstance(r, QualityReport)}
-    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    reports, failures = split_failures(results)
     return dg.Output(reports, metadata=quality_metadata(reports, failures))
 
 
@@ -54,8 +52,7 @@ def site_drift(
         stage="drift",
         timeout=config.timeout_s + 5,
     )
-    summaries = {s: r for s, r in results.items() if isinstance(r, DriftSummary)}
-    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
+    summaries, failures = split_failures(results)
     doc = {
         s: {k: v for k, v in asdict(d).items() if k != "report_html"} for s, d in summaries.items()
     }
@@ -91,7 +88,7 @@ def champion_performance(
         stage="evaluate",
         timeout=config.timeout_s + 5,
     )
-    evaluations = {s: r for s, r in results.items() if isinstance(r, SiteEvaluation)}
+    evaluations, failures = split_failures(results)
     metric = champion.monitoring_metric
     per_site = pool_evaluations(task, evaluations).per_site
     doc = {
@@ -100,7 +97,6 @@ def champion_performance(
         "now": monitoring_values(per_site, metric),
         "at_registration": {s: list(v) for s, v in champion.site_monitoring.items()},
     }
-    failures = [r for r in results.values() if isinstance(r, SiteFailure)]
     return dg.Output(doc, metadata=performance_metadata(doc, failures))
 
 
