@@ -258,9 +258,14 @@ class SiteHandler:
             reference,
             current,
             drift_share=self.drift_share,
-            share_report=self.share_drift_report,
+            # the full report is always kept at the site; it leaves only if the site allows it
+            share_report=self.share_drift_report or self.state_dir is not None,
         )
-        summary = replace(summary, reference_round=self._reference_round)
+        if self.state_dir is not None and summary.report_html:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.state_dir / "drift_report.html").write_bytes(summary.report_html)
+        shared = summary.report_html if self.share_drift_report else b""
+        summary = replace(summary, reference_round=self._reference_round, report_html=shared)
         self._last_drift = summary
         return summary
 

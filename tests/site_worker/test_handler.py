@@ -51,7 +51,11 @@ def test_a_growing_extract_is_reloaded_and_a_broken_one_stops_training(
     again = SiteHandler.from_source(
         "site-3", FileSource(extract, cohort_dir / "schema.yaml"), state_dir=tmp_path / "state"
     )
-    assert again.drift().reference_round == "r0001"
+    summary = again.drift()
+    assert summary.reference_round == "r0001" and summary.has_reference
+    # the full Evidently report stays at the site; none of it travels unless allowed
+    assert summary.report_html == b""
+    assert b"<html" in (tmp_path / "state" / "drift_report.html").read_bytes()[:2000].lower()
 
 
 def test_missing_covariates_train_without_nan(make_handler):
