@@ -56,19 +56,6 @@ class WeightedMean:
         return out
 
 
-STRATEGIES = ("fedavg", "fedavg_quality")
-
-
-def aggregation_weight(strategy: str, num_examples: int, quality_score: float) -> float:
-    """A site's weight in the mean: its examples, times its data-check score for
-    "fedavg_quality" (a site whose data passed fewer expectations counts for less)."""
-    if strategy == "fedavg":
-        return float(num_examples)
-    if strategy == "fedavg_quality":
-        return float(num_examples) * quality_score
-    raise ValueError(f"unknown strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
-
-
 def fedavg(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Weights:
     """Weighted mean of `(weights, num_examples)` pairs, streamed in the order given.
 

@@ -76,6 +76,8 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adam"
+    proximal_mu: float = 0.0  # FedProx (Li et al., MLSys 2020): pull towards the global model
+    time_budget_s: float = 0.0  # a straggler stops early and reports the steps it did
 
 
 @dataclass(frozen=True)

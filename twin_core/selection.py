@@ -1,7 +1,20 @@
-"""Which sites take part in a round, and why the others do not."""
+"""Which sites take part in a round, and why the others do not.
+
+First every site is checked for health (reachable, same schema, compatible protocol, data check
+passed, has training data); then a policy picks among the healthy ones:
+
+all          every healthy site (the largest first when `max_sites` caps them)
+random       a seeded random fraction (fixed by the campaign seed and the round key)
+stratified   spread over the sites' sizes and outcome levels, as they report them in aggregate, so
+             a round never consists only of large (or only of small) hospitals
+fairness     the sites that took part least in recent rounds first
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,16 +53,66 @@ def federation_fingerprint(infos: Mapping[str, SiteInfo], expected: str | None) 
     return min(counts, key=lambda fp: (-counts[fp], fp))
 
 
+POLICIES = ("all", "random", "stratified", "fairness")
+PROTOCOL = "twin_wire.v1"
+
+
+def _target_level(info: SiteInfo) -> float:
+    """The mean outcome a site reports in its moments (its last column is the target)."""
+    return info.moments[-1].mean if info.moments else 0.0
+
+
+def pick(
+    eligible: list[SiteInfo],
+    policy: str,
+    *,
+    count: int,
+    seed: int = 0,
+    round_key: str = "",
+    participation: Mapping[str, int] | None = None,
+) -> list[str]:
+    """`count` site ids out of `eligible` by `policy` (deterministic for the same inputs)."""
+    if count >= len(eligible):
+        return sorted(i.site_id for i in eligible)
+    if policy == "all":
+        ranked = sorted(eligible, key=lambda i: (-i.train_examples, i.site_id))
+        return sorted(i.site_id for i in ranked[:count])
+    if policy == "random":
+        digest = hashlib.sha256(f"{seed}/{round_key}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        return sorted(rng.sample(sorted(i.site_id for i in eligible), count))
+    if policy == "stratified":
+        # rank by size, then take evenly spaced ranks; within a size band prefer the outcome
+        # level least represented so far (sites report only means, never rows)
+        ranked = sorted(eligible, key=lambda i: (i.train_examples, _target_level(i), i.site_id))
+        step = len(ranked) / count
+        return sorted(
+            ranked[min(len(ranked) - 1, int(step * k + step / 2))].site_id for k in range(count)
+        )
+    if policy == "fairness":
+        seen = participation or {}
+        ranked = sorted(
+            eligible, key=lambda i: (seen.get(i.site_id, 0), -i.train_examples, i.site_id)
+        )
+        return sorted(i.site_id for i in ranked[:count])
+    raise ValueError(f"unknown selection policy {policy!r} (choose {', '.join(POLICIES)})")
+
+
 def select_sites(
     answers: Mapping[str, SiteInfo | SiteFailure],
     *,
     expected_fingerprint: str | None = None,
     max_sites: int | None = None,
+    policy: str = "all",
+    fraction: float = 1.0,
+    min_sites: int = 1,
+    seed: int = 0,
+    round_key: str = "",
+    participation: Mapping[str, int] | None = None,
 ) -> Selection:
-    """Every healthy site: reachable, on the federation's schema, passing its data check, with
-    training data.
-
-    With `max_sites`, the largest sites (by training examples, then id) are kept.
+    """Healthy sites (reachable, on the federation's schema and protocol, passing their data
+    check, with training data), then `policy` picks ceil(fraction x healthy) of them, at least
+    `min_sites` and at most `max_sites`.
     """
     infos = {s: a for s, a in answers.items() if isinstance(a, SiteInfo)}
     fingerprint = federation_fingerprint(infos, expected_fingerprint)
@@ -68,6 +131,14 @@ def select_sites(
                 f"schema {answer.schema_fingerprint} differs from the federation's {fingerprint}",
                 answer.train_examples,
             )
+        elif answer.versions.get("protocol", PROTOCOL) != PROTOCOL:
+            decisions[site_id] = SiteDecision(
+                site_id,
+                False,
+                f"incompatible software: speaks {answer.versions.get('protocol')}, "
+                f"the federation {PROTOCOL}",
+                answer.train_examples,
+            )
         elif not answer.data_check_passed:
             decisions[site_id] = SiteDecision(
                 site_id,
@@ -79,11 +150,26 @@ def select_sites(
             decisions[site_id] = SiteDecision(site_id, False, "no training examples", 0)
         else:
             eligible.append(answer)
-    ranked = sorted(eligible, key=lambda i: (-i.train_examples, i.site_id))
-    keep = {i.site_id for i in ranked[: max_sites if max_sites else len(ranked)]}
+    count = max(min_sites, math.ceil(fraction * len(eligible)))
+    if max_sites:
+        count = min(count, max_sites)
+    keep = set(
+        pick(
+            eligible,
+            policy,
+            count=count,
+            seed=seed,
+            round_key=round_key,
+            participation=participation,
+        )
+    )
     for info in eligible:
         chosen = info.site_id in keep
-        reason = "healthy" if chosen else f"max_sites={max_sites} reached"
+        reason = (
+            f"healthy, chosen by policy {policy}"
+            if chosen
+            else (f"healthy, not chosen by policy {policy} ({count} of {len(eligible)} sites)")
+        )
         decisions[info.site_id] = SiteDecision(info.site_id, chosen, reason, info.train_examples)
     compatible = tuple(s for s in sorted(infos) if infos[s].schema_fingerprint == fingerprint)
     return Selection(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,9 @@ def train_local(
 ) -> tuple[int, dict[str, float]]:
     """Train `model` in place; return (optimiser steps, training metrics).
 
-    Shuffling is driven by `config.seed` alone, so the same inputs give the same weights.
+    Shuffling is driven by `config.seed` alone, so the same inputs give the same weights
+    (unless a time budget cuts training short, which depends on the machine). With
+    `proximal_mu`, the objective adds (mu/2)||w - w_start||^2 (FedProx, Li et al., MLSys 2020).
     """
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -44,21 +47,33 @@ def train_local(
         raise ValueError(f"unknown optimizer {config.optimizer!r} (choose adam or sgd)")
     n = len(data)
     steps, last_epoch_loss = 0, float("nan")
+    # FedProx: the global weights this round started from, fixed during local training
+    anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else None
+    deadline = time.monotonic() + config.time_budget_s if config.time_budget_s > 0 else None
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for _ in range(config.local_epochs):
             order = torch.randperm(n, generator=generator)
-            total = 0.0
+            total, seen = 0.0, 0
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
                 loss = task.loss(model, tuple(t[idx] for t in data.tensors))
+                objective = loss
+                if anchor is not None:
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    objective = loss + 0.5 * config.proximal_mu * drift
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
+                seen += len(idx)
                 steps += 1
-            last_epoch_loss = total / n if n else float("nan")
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+            last_epoch_loss = total / seen if seen else float("nan")
+            if deadline is not None and time.monotonic() > deadline:
+                break
     model.eval()
     return steps, {"train_loss": last_epoch_loss}
 

@@ -5,26 +5,46 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from twin_core.aggregation import STRATEGIES
 from twin_core.federation import TrainConfig
+from twin_core.selection import POLICIES
+from twin_core.server_optimizers import OPTIMIZERS, ServerOptimizer
+from twin_core.strategies import STRATEGIES, Strategy
 
 
 class RoundConfig(dg.Config):
     """How one federated round runs. Set on `round_plan`; later steps read it from the plan."""
 
     min_sites: int = Field(default=2, description="quorum: fewer valid updates fail the round")
+    selection: str = Field(
+        default="all", description="all, random, stratified or fairness (twin_core.selection)"
+    )
+    fraction: float = Field(default=1.0, description="share of healthy sites to choose (0, 1]")
     max_sites: int = Field(
         default=0, description="at most this many sites train (0: all healthy sites)"
     )
     strategy: str = Field(
         default="fedavg",
-        description="fedavg (weighted by examples) or fedavg_quality (x data-check score)",
+        description="fedavg, fedavg_uniform, fedavg_quality, median, trimmed_mean, krum, "
+        "multi_krum, fedavgm, fedadagrad, fedadam or fedyogi (see twin_core.strategies)",
     )
+    trim_fraction: float = Field(default=0.2, description="trimmed_mean: share cut at each end")
+    krum_f: int = Field(default=1, description="krum: attackers to tolerate (needs n > 2f + 2)")
+    krum_m: int = Field(default=1, description="multi_krum: updates averaged")
+    server_lr: float = Field(default=1e-2, description="server optimisers: learning rate")
+    server_beta1: float = Field(default=0.9, description="server momentum / first moment")
+    server_beta2: float = Field(default=0.99, description="server second moment")
+    server_tau: float = Field(default=1e-3, description="server adaptivity")
     local_epochs: int = Field(default=2, description="epochs of local training per round")
     batch_size: int = 64
     learning_rate: float = 1e-3
     optimizer: str = Field(default="adam", description="adam or sgd")
     weight_decay: float = 0.0
+    proximal_mu: float = Field(default=0.0, description="FedProx mu at the sites (0: off)")
+    time_budget_s: float = Field(
+        default=0.0,
+        description="local training budget per site; stragglers stop early and count for the "
+        "share of their planned steps (0: no budget)",
+    )
     seed: int = Field(default=7, description="seeds the initial model and every site's shuffling")
     info_timeout_s: float = Field(default=15.0, description="deadline of each site-info call")
     train_timeout_s: float = Field(default=600.0, description="deadline of each training call")
@@ -39,6 +59,14 @@ class RoundConfig(dg.Config):
     site_regression_tolerance: float = Field(
         default=0.05, description="relative worsening of any site's loss that blocks promotion"
     )
+    screen_updates: bool = Field(
+        default=False,
+        description="reject updates whose norm or direction is an outlier among the round's",
+    )
+    screen_norm_z: float = Field(default=3.0, description="screening: robust z of the norm")
+    screen_min_cosine: float = Field(
+        default=0.0, description="screening: least cosine to the median update direction"
+    )
     regression_tolerance: float = Field(
         default=0.02,
         description="relative worsening of pooled loss vs. the champion that still passes",
@@ -47,12 +75,23 @@ class RoundConfig(dg.Config):
     def problems(self) -> list[str]:
         """What is wrong with this config, in words (empty if nothing)."""
         out = []
+        if self.selection not in POLICIES:
+            out.append(f"unknown selection {self.selection!r} (choose {', '.join(POLICIES)})")
+        if not 0 < self.fraction <= 1:
+            out.append(f"fraction must be in (0, 1], got {self.fraction}")
         if self.min_sites < 1:
             out.append(f"min_sites must be >= 1, got {self.min_sites}")
         if self.max_sites and self.max_sites < self.min_sites:
             out.append(f"max_sites {self.max_sites} is below min_sites {self.min_sites}")
         if self.strategy not in STRATEGIES:
             out.append(f"unknown strategy {self.strategy!r} (choose {', '.join(STRATEGIES)})")
+        else:
+            try:
+                self.aggregation_strategy()
+            except ValueError as exc:
+                out.append(str(exc))
+        if not 0 <= self.trim_fraction < 0.5 or self.krum_f < 0 or self.krum_m < 1:
+            out.append("trim_fraction must be in [0, 0.5), krum_f >= 0 and krum_m >= 1")
         if self.optimizer not in ("adam", "sgd"):
             out.append(f"unknown optimizer {self.optimizer!r} (choose adam or sgd)")
         if self.local_epochs < 0 or self.batch_size < 1 or not self.learning_rate > 0:
@@ -65,6 +104,14 @@ class RoundConfig(dg.Config):
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
         return out
 
+    def aggregation_strategy(self) -> Strategy:
+        server = None
+        if self.strategy in OPTIMIZERS:
+            server = ServerOptimizer(
+                self.strategy, self.server_lr, self.server_beta1, self.server_beta2, self.server_tau
+            )
+        return Strategy(self.strategy, self.trim_fraction, self.krum_f, self.krum_m, server)
+
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
             local_epochs=self.local_epochs,
@@ -73,6 +120,8 @@ class RoundConfig(dg.Config):
             seed=seed,
             weight_decay=self.weight_decay,
             optimizer=self.optimizer,
+            proximal_mu=self.proximal_mu,
+            time_budget_s=self.time_budget_s,
         )
 
 

@@ -146,6 +146,8 @@ def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
         seed=config.seed,
         weight_decay=config.weight_decay,
         optimizer=config.optimizer,
+        proximal_mu=config.proximal_mu,
+        time_budget_s=config.time_budget_s,
     )
 
 
@@ -157,6 +159,8 @@ def config_from_proto(msg: pb.TrainConfig) -> TrainConfig:
         seed=msg.seed,
         weight_decay=msg.weight_decay,
         optimizer=msg.optimizer or "adam",
+        proximal_mu=msg.proximal_mu,
+        time_budget_s=msg.time_budget_s,
     )
 
 

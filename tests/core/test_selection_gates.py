@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_all_healthy_sites_chosen_and_sorted():
     sel = select_sites(answers)
     assert sel.chosen == ("site-1", "site-2", "site-3")
     assert [d.site_id for d in sel.decisions] == ["site-1", "site-2", "site-3"]
-    assert all(d.chosen and d.reason == "healthy" for d in sel.decisions)
+    assert all(d.chosen and d.reason == "healthy, chosen by policy all" for d in sel.decisions)
     assert {d.site_id: d.examples for d in sel.decisions} == {
         "site-3": 10,
         "site-1": 20,
@@ -153,7 +154,7 @@ def test_max_sites_keeps_the_largest():
     assert sel.chosen == ("s2", "s3", "s4")
     for s in ("s1", "s5"):
         d = _decision(sel, s)
-        assert not d.chosen and d.reason == "max_sites=3 reached"
+        assert not d.chosen and d.reason == "healthy, not chosen by policy all (3 of 5 sites)"
         assert d.examples == sizes[s]
     assert sel.compatible == ("s1", "s2", "s3", "s4", "s5")
 
@@ -360,3 +361,47 @@ def test_pooled_moments_match_direct_computation():
     assert pooled.count == everything.size
     assert pooled.mean == pytest.approx(everything.mean(), rel=1e-12)
     assert pooled.std == pytest.approx(everything.std(ddof=1), rel=1e-9)
+
+
+def _fleet(sizes: dict[str, int]) -> dict:
+    return {s: _info(s, n) for s, n in sizes.items()}
+
+
+SIZES = {"s1": 20, "s2": 60, "s3": 150, "s4": 400, "s5": 1200, "s6": 90}
+
+
+def test_random_fraction_is_seeded_by_campaign_seed_and_round():
+    one = select_sites(_fleet(SIZES), policy="random", fraction=0.5, seed=7, round_key="r0001")
+    again = select_sites(_fleet(SIZES), policy="random", fraction=0.5, seed=7, round_key="r0001")
+    other = [
+        select_sites(
+            _fleet(SIZES), policy="random", fraction=0.5, seed=7, round_key=f"r{k:04d}"
+        ).chosen
+        for k in range(2, 8)
+    ]
+    assert len(one.chosen) == 3 and one.chosen == again.chosen
+    assert any(c != one.chosen for c in other)  # the round key reshuffles
+
+
+def test_stratified_spreads_over_site_sizes():
+    sel = select_sites(_fleet(SIZES), policy="stratified", fraction=0.5)
+    # sizes sorted: s1 20, s2 60, s6 90, s3 150, s4 400, s5 1200: three bands of two sites,
+    # each band's upper middle (rank int(2k + 1)): s2, s3, s5; "all" would take the 3 largest
+    assert sel.chosen == ("s2", "s3", "s5")
+    assert select_sites(_fleet(SIZES), fraction=0.5).chosen == ("s3", "s4", "s5")
+
+
+def test_fairness_prefers_sites_that_took_part_least():
+    seen = {"s5": 4, "s4": 4, "s3": 4, "s1": 1, "s2": 0}
+    sel = select_sites(_fleet(SIZES), policy="fairness", fraction=0.5, participation=seen)
+    assert sel.chosen == ("s1", "s2", "s6")  # never seen s6 (0) and s2 (0), then s1 (1)
+
+
+def test_min_and_max_sites_bound_the_fraction_and_software_must_match():
+    assert len(select_sites(_fleet(SIZES), policy="random", fraction=0.1, min_sites=2).chosen) == 2
+    assert len(select_sites(_fleet(SIZES), policy="random", max_sites=2).chosen) == 2
+    fleet = _fleet({"a": 10, "b": 10})
+    fleet["b"] = dataclasses.replace(fleet["b"], versions={"protocol": "twin_wire.v0"})
+    sel = select_sites(fleet)
+    assert sel.chosen == ("a",)
+    assert _decision(sel, "b").reason.startswith("incompatible software: speaks twin_wire.v0")

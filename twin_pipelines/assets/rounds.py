@@ -3,8 +3,8 @@
 from dataclasses import asdict
 
 import dagster as dg
+import numpy as np
 
-from twin_core.aggregation import WeightedMean, aggregation_weight
 from twin_core.dispatch import run_on_sites
 from twin_core.errors import InvalidWeights
 from twin_core.federation import Site, SiteFailure, SiteInfo, pool_moments
@@ -19,7 +19,8 @@ from twin_core.rounds import (
 )
 from twin_core.schema import parse_schema
 from twin_core.selection import select_sites
-from twin_core.weights import StoredWeights, check_update
+from twin_core.strategies import SiteContribution, aggregate, planned_steps
+from twin_core.weights import StoredWeights, Weights, check_update
 from twin_pipelines.config import RoundConfig
 from twin_pipelines.metadata import check_result, failure_lines, plan_metadata, updates_metadata
 from twin_pipelines.partitions import fl_round
@@ -50,6 +51,12 @@ def round_plan(
         answers,
         expected_fingerprint=latest["schema_fingerprint"] if latest else None,
         max_sites=config.max_sites or None,
+        policy=config.selection,
+        fraction=config.fraction,
+        min_sites=config.min_sites,
+        seed=config.seed,
+        round_key=key,
+        participation=store.participation(before=key, last=5),
     )
     if len(selection.chosen) < config.min_sites:
         raise dg.Failure(
@@ -117,6 +124,36 @@ def _train_and_persist(
     )
 
 
+def _screen(
+    updates: RoundUpdates, start: Weights, key: str, config: RoundConfig, store: RoundStore
+) -> RoundUpdates:
+    """Reject updates whose norm or direction is an outlier among this round's (a failure with
+    its reason; the update is kept under rejected/)."""
+    from twin_core.robust import screen_updates
+
+    deltas = []
+    for record in updates.updates:
+        weights = store.load(record.path).weights
+        deltas.append(
+            {
+                n: weights[n].astype(np.float64) - start[n]
+                for n in start
+                if start[n].dtype.kind == "f"
+            }
+        )
+    verdicts = screen_updates(
+        deltas, norm_z=config.screen_norm_z, min_cosine=config.screen_min_cosine
+    )
+    kept, screened = [], []
+    for record, reason in zip(updates.updates, verdicts, strict=True):
+        if reason is None:
+            kept.append(record)
+        else:
+            store.reject_update(key, record.site_id, reason)
+            screened.append(SiteFailure(record.site_id, "screen", "SCREENED", reason))
+    return RoundUpdates(tuple(kept), updates.failures + tuple(screened))
+
+
 @dg.asset(
     partitions_def=fl_round,
     group_name=GROUP,
@@ -153,6 +190,8 @@ def site_updates(
         timeout=config.train_timeout_s + 10,
     )
     updates = RoundUpdates.collect(results, missing)
+    if config.screen_updates:
+        updates = _screen(updates, start.weights, round_plan.round_key, config, store)
     for failure in updates.failures:
         context.log.warning(f"site {failure.site_id} failed: {failure.code}: {failure.reason}")
     gate = quorum_gate(len(updates.updates), config.min_sites)
@@ -182,16 +221,32 @@ def global_model(
     site_updates: RoundUpdates,
     store: RoundStore,
 ):
-    """FedAvg of the persisted updates (weighted by examples, or examples x data-check score),
-    streamed in sorted site order into float64."""
+    """The round's strategy over the persisted updates, in sorted site order (FedAvg by
+    default: weighted by examples, streamed into float64)."""
     config = RoundConfig(**round_plan.config)
-    mean = WeightedMean()
-    for record in sorted(site_updates.updates, key=lambda u: u.site_id):
-        weight = aggregation_weight(
-            config.strategy, record.num_examples, round_plan.quality.get(record.site_id, 1.0)
+    strategy = config.aggregation_strategy()
+    start = store.load(round_plan.start_path).weights
+    contributions = [
+        (
+            SiteContribution(
+                u.site_id,
+                u.num_examples,
+                u.steps,
+                planned_steps(config.local_epochs, config.batch_size, u.num_examples),
+                round_plan.quality.get(u.site_id, 1.0),
+            ),
+            u.path,
         )
-        mean.add(store.load(record.path).weights, weight)
-    weights = mean.result()
+        for u in sorted(site_updates.updates, key=lambda u: u.site_id)
+    ]
+    weights, server_state, facts = aggregate(
+        strategy,
+        start,
+        ((site, store.load(path).weights) for site, path in contributions),
+        store.server_state(round_plan.start_round, strategy.name) if strategy.server else None,
+    )
+    if server_state is not None:
+        store.save_server_state(round_plan.round_key, strategy.name, server_state)
     site_examples = {u.site_id: u.num_examples for u in site_updates.updates}
     path, manifest = store.save_weights(
         round_plan.round_key,
@@ -212,6 +267,7 @@ def global_model(
         candidate,
         metadata={
             "strategy": config.strategy,
+            **{k: dg.MetadataValue.json(v) if isinstance(v, list) else v for k, v in facts.items()},
             "sites": len(site_examples),
             "parameters": candidate.parameters,
             "sha256": manifest.sha256,

@@ -5,6 +5,7 @@
     <root>/r0001/updates/<site>.twt         validated updates, as received
     <root>/r0001/rejected/<site>.twt        updates that failed validation, kept for forensics
     <root>/r0001/candidate.twt              the aggregated model
+    <root>/r0001/server_state.twt           server optimiser moments (FedAdam & co.), if any
     <root>/r0001/evaluation.json
     <root>/latest.json                      the latest candidate that passed every gate
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from twin_core.server_optimizers import ServerState, state_as_weights, state_from_weights
 from twin_core.weights import Manifest, StoredWeights, Weights, load_weights, save_weights
 
 
@@ -57,6 +59,13 @@ class RoundStore(dg.ConfigurableResource):
             0
         ]
 
+    def reject_update(self, round_key: str, site_id: str, reason: str) -> Path:
+        """Move a persisted update to rejected/ (screened out after the fact), keeping it."""
+        stored = load_weights(self.round_dir(round_key) / "updates" / f"{site_id}.twt")
+        path = self.save_rejected(round_key, site_id, dict(stored.weights), reason)
+        (self.round_dir(round_key) / "updates" / f"{site_id}.twt").unlink()
+        return path
+
     def clear_updates(self, round_key: str) -> None:
         """Forget the updates of an earlier attempt at this round (it is being re-run)."""
         for sub in ("updates", "rejected"):
@@ -67,6 +76,36 @@ class RoundStore(dg.ConfigurableResource):
     @staticmethod
     def load(path: str | Path) -> StoredWeights:
         return load_weights(Path(path))
+
+    def server_state(self, round_key: str | None, optimizer: str) -> ServerState | None:
+        """The server optimiser state saved with `round_key`'s candidate (same optimiser only)."""
+        path = self.round_dir(round_key) / "server_state.twt" if round_key else None
+        if path is None or not path.exists():
+            return None
+        stored = load_weights(path)
+        if stored.meta.get("optimizer") != optimizer:
+            return None
+        return state_from_weights(stored.weights, stored.meta)
+
+    def save_server_state(self, round_key: str, optimizer: str, state: ServerState) -> Path:
+        tensors, meta = state_as_weights(state)
+        return self.save_weights(
+            round_key, "server_state.twt", tensors, {**meta, "optimizer": optimizer}
+        )[0]
+
+    def participation(self, *, before: str, last: int) -> dict[str, int]:
+        """How often each site was chosen in the `last` rounds planned before `before`."""
+        root = Path(self.root)
+        keys = (
+            sorted(p.name for p in root.iterdir() if (p / "plan.json").exists())
+            if root.exists()
+            else []
+        )
+        counts: dict[str, int] = {}
+        for key in [k for k in keys if k < before][-last:]:
+            for site in self.read_json(key, "plan.json")["selection"]["chosen"]:
+                counts[site] = counts.get(site, 0) + 1
+        return counts
 
     def latest_passed(self) -> dict | None:
         """The pointer to the latest candidate that passed its gates, or None."""
