@@ -16,9 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pandas as pd
 import torch
 
+from twin_core import scaffold
 from twin_core.errors import InvalidWeights, SchemaError, SiteCallError, SiteDataError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
 from twin_core.monitoring import DriftSummary, ExpectationOutcome, QualityReport
@@ -87,6 +89,7 @@ class SiteHandler:
         self._use(schema, frame)
         self._reference, self._reference_round = self._read_reference()
         self._last_drift: DriftSummary | None = None
+        self._control: dict | None = None  # SCAFFOLD c_i, kept between rounds
 
     @classmethod
     def from_source(cls, site_id: str, source: DataSource, **options) -> SiteHandler:
@@ -179,14 +182,35 @@ class SiteHandler:
                 raise self._refuse("FAILED_PRECONDITION", f"data check failed: {quality.summary()}")
             if not self.data.train_examples:
                 raise self._refuse("FAILED_PRECONDITION", "this site has no training examples")
-            self._load(schema_fingerprint, weights)
+            model_weights, server_control = scaffold.split(weights, scaffold.CONTROL)
+            self._load(schema_fingerprint, model_weights)
+            correction, site_control = None, None
+            if server_control:
+                if config.optimizer != "sgd":
+                    raise self._refuse("INVALID_ARGUMENT", "SCAFFOLD needs plain SGD at the site")
+                site_control = self._site_control(server_control)
+                correction = {k: server_control[k] - site_control[k] for k in server_control}
             started = time.perf_counter()
             try:
-                steps, metrics = train_local(self.task, self._model, self.data.train, config)
+                steps, metrics = train_local(
+                    self.task, self._model, self.data.train, config, correction
+                )
             except ValueError as exc:
                 raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
             seconds = time.perf_counter() - started
             update = weights_of(self._model)
+            if site_control is not None:
+                new_control = scaffold.new_site_control(
+                    site_control,
+                    server_control,
+                    model_weights,
+                    update,
+                    steps,
+                    config.learning_rate,
+                )
+                self._keep_site_control(new_control)
+                delta = {k: new_control[k] - site_control[k] for k in new_control}
+                update = scaffold.join(update, delta, scaffold.DELTA)
             self._keep_reference(round_key)
         self._journal(
             "train", round_key, examples=self.data.train_examples, steps=steps, seconds=seconds
@@ -268,6 +292,32 @@ class SiteHandler:
         summary = replace(summary, reference_round=self._reference_round, report_html=shared)
         self._last_drift = summary
         return summary
+
+    def _site_control(self, server_control: Mapping) -> dict:
+        """This site's SCAFFOLD control variate c_i (zeros until it first trains with SCAFFOLD)."""
+        from twin_core.weights import load_weights
+
+        path = self.state_dir / "scaffold_control.twt" if self.state_dir else None
+        stored = (
+            self._control
+            if self._control is not None
+            else (dict(load_weights(path).weights) if path is not None and path.exists() else None)
+        )
+        shapes_match = stored is not None and all(
+            k in stored and stored[k].shape == v.shape for k, v in server_control.items()
+        )
+        return (
+            stored
+            if shapes_match
+            else {k: np.zeros(v.shape, np.float32) for k, v in server_control.items()}
+        )
+
+    def _keep_site_control(self, control: dict) -> None:
+        from twin_core.weights import save_weights
+
+        self._control = control
+        if self.state_dir is not None:
+            save_weights(self.state_dir / "scaffold_control.twt", control)
 
     def _keep_reference(self, round_key: str) -> None:
         """Remember the data this round trained on: the reference window for drift."""

@@ -9,6 +9,7 @@ trimmed_mean     coordinate-wise trimmed mean (same paper)
 krum, multi_krum (multi-)Krum (Blanchard et al., NeurIPS 2017)
 fedavgm, fedadagrad, fedadam, fedyogi
                  FedAvg, then a server optimiser step (twin_core.server_optimizers)
+scaffold         SCAFFOLD control variates (twin_core.scaffold); needs SGD at the sites
 
 FedAvg-family strategies stream one update at a time; robust ones need every update at once
 and so cannot run under secure aggregation.
@@ -22,13 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from twin_core import scaffold
 from twin_core.aggregation import WeightedMean
 from twin_core.server_optimizers import OPTIMIZERS, ServerOptimizer, ServerState, server_step
 from twin_core.weights import Weights
 
 WEIGHTED = ("fedavg", "fedavg_uniform", "fedavg_quality")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
-STRATEGIES = WEIGHTED + ROBUST + OPTIMIZERS
+STRATEGIES = WEIGHTED + ROBUST + OPTIMIZERS + ("scaffold",)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def aggregate(
     start: Mapping[str, np.ndarray],
     updates: Iterable[tuple[SiteContribution, Mapping[str, np.ndarray]]],
     server_state: ServerState | None = None,
+    total_sites: int = 0,
 ) -> tuple[Weights, ServerState | None, dict]:
     """The next global model from `updates` (given in sorted site order).
 
@@ -102,6 +105,8 @@ def aggregate(
         m = 1 if strategy.name == "krum" else strategy.krum_m
         model, chosen = robust.multi_krum(weights, strategy.krum_f, m)
         return model, None, {"selected": [items[i][0].site_id for i in chosen]}
+    if strategy.name == "scaffold":
+        return _scaffold(start, updates, server_state, total_sites)
     mean = WeightedMean()
     for site, weights in updates:
         mean.add(weights, strategy.weight(site))
@@ -110,3 +115,26 @@ def aggregate(
         return model, None, {}
     stepped, state = server_step(strategy.server, start, model, server_state)
     return stepped, state, {"server_step": state.step}
+
+
+def _scaffold(
+    start: Mapping[str, np.ndarray],
+    updates: Iterable[tuple[SiteContribution, Mapping[str, np.ndarray]]],
+    state: ServerState | None,
+    total_sites: int,
+) -> tuple[Weights, ServerState, dict]:
+    """x <- mean(y_i) (server step size 1), c <- c + |S|/N mean(delta c_i)."""
+    mean, deltas = WeightedMean(), []
+    for _, weights in updates:
+        model, delta = scaffold.split(weights, scaffold.DELTA)
+        mean.add(model, 1.0)
+        deltas.append(delta)
+    control = state.first if state and state.first else scaffold.zeros_like(start)
+    new_control = scaffold.server_control(control, deltas, total_sites)
+    step = (state.step if state else 0) + 1
+    return mean.result(), ServerState(step, dict(new_control), {}), {"server_step": step}
+
+
+def server_control_of(state: ServerState | None, start: Mapping[str, np.ndarray]) -> Weights:
+    """The SCAFFOLD control variate to send with `start` (zeros before the first round)."""
+    return dict(state.first) if state and state.first else scaffold.zeros_like(start)

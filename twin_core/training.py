@@ -27,16 +27,29 @@ def load_weights_into(model: torch.nn.Module, weights: Mapping[str, np.ndarray])
 
 
 def train_local(
-    task: Task, model: torch.nn.Module, data: TensorDataset, config: TrainConfig
+    task: Task,
+    model: torch.nn.Module,
+    data: TensorDataset,
+    config: TrainConfig,
+    correction: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Train `model` in place; return (optimiser steps, training metrics).
 
     Shuffling is driven by `config.seed` alone, so the same inputs give the same weights
     (unless a time budget cuts training short, which depends on the machine). With
     `proximal_mu`, the objective adds (mu/2)||w - w_start||^2 (FedProx, Li et al., MLSys 2020).
+    With `correction` (SCAFFOLD's c - c_i, by parameter name), every gradient is shifted by it.
     """
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    shifts = None
+    if correction is not None:
+        named = dict(model.named_parameters())
+        shifts = [
+            (named[k], torch.from_numpy(np.asarray(v, np.float32)))
+            for k, v in correction.items()
+            if k in named
+        ]
     if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
@@ -65,6 +78,8 @@ def train_local(
                     objective = loss + 0.5 * config.proximal_mu * drift
                 opt.zero_grad(set_to_none=True)
                 objective.backward()
+                for param, shift in shifts or ():
+                    param.grad.add_(shift)
                 opt.step()
                 total += float(loss.detach()) * len(idx)
                 seen += len(idx)

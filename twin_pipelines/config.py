@@ -75,6 +75,8 @@ class RoundConfig(dg.Config):
     def problems(self) -> list[str]:
         """What is wrong with this config, in words (empty if nothing)."""
         out = []
+        if self.strategy == "scaffold" and self.optimizer != "sgd":
+            out.append("strategy scaffold needs optimizer sgd (its control variates assume SGD)")
         if self.selection not in POLICIES:
             out.append(f"unknown selection {self.selection!r} (choose {', '.join(POLICIES)})")
         if not 0 < self.fraction <= 1:

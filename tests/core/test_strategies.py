@@ -76,3 +76,30 @@ def test_unknown_or_incomplete_strategies_are_refused():
         Strategy("fedmagic")
     with pytest.raises(ValueError, match="needs its server optimiser settings"):
         Strategy("fedadam")
+
+
+def test_scaffold_control_variates_by_hand():
+    from twin_core import scaffold
+
+    # option II: c_i+ = c_i - c + (x - y) / (K eta); c_i 0.1, c 0.3, x 1.0, y 0.4, K 3, eta 0.1
+    new = scaffold.new_site_control(
+        {"w": np.array([0.1], np.float32)},
+        {"w": np.array([0.3])},
+        {"w": np.array([1.0])},
+        {"w": np.array([0.4])},
+        3,
+        0.1,
+    )
+    assert new["w"][0] == pytest.approx(0.1 - 0.3 + 0.6 / 0.3)
+    # server: c + |S|/N mean(dc): 0.3 + 2/4 * mean(0.2, 0.6) = 0.5
+    c = scaffold.server_control(
+        {"w": np.array([0.3])}, [{"w": np.array([0.2])}, {"w": np.array([0.6])}], total_sites=4
+    )
+    assert c["w"][0] == pytest.approx(0.5)
+    # the server model is the plain mean of the sites' models (step size 1)
+    updates = [
+        (_site("a", 10), {"w": np.array([1.0]), "scaffold.dc/w": np.array([0.2])}),
+        (_site("b", 90), {"w": np.array([3.0]), "scaffold.dc/w": np.array([0.6])}),
+    ]
+    model, state, _ = aggregate(Strategy("scaffold"), {"w": np.array([0.0])}, updates, None, 2)
+    assert model["w"].tolist() == [2.0] and state.first["w"][0] == pytest.approx(0.4)

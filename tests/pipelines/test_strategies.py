@@ -82,3 +82,16 @@ def test_fairness_rotates_sites_across_rounds(handlers, round_env, instance):
     plan = env.store.read_json(results[1].round_key, "plan.json")
     reasons = {d["site_id"]: d["reason"] for d in plan["selection"]["decisions"]}
     assert all("policy fairness" in r for r in reasons.values())
+
+
+def test_scaffold_rounds_keep_control_variates_on_both_sides(handlers, round_env, instance):
+    env = round_env(InProcessFleet(handlers))
+    config = RoundConfig(min_sites=4, strategy="scaffold", optimizer="sgd", learning_rate=0.05)
+    results = run_campaign(env.defs, instance, 2, config)
+    assert all(r.success for r in results), [r.error for r in results]
+    server = load_weights(env.store.round_dir(results[1].round_key) / "server_state.twt")
+    assert server.meta == {"step": 2, "optimizer": "scaffold"}
+    assert any(np.abs(v).max() > 0 for v in server.weights.values())  # c moved
+    assert all(h._control is not None for h in handlers.values())  # each site keeps its c_i
+    refused = run_round(env.defs, instance, RoundConfig(min_sites=4, strategy="scaffold"))
+    assert not refused.success and "scaffold needs optimizer sgd" in refused.error

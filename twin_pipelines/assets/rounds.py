@@ -5,6 +5,7 @@ from dataclasses import asdict
 import dagster as dg
 import numpy as np
 
+from twin_core import scaffold
 from twin_core.dispatch import run_on_sites
 from twin_core.errors import InvalidWeights
 from twin_core.federation import Site, SiteFailure, SiteInfo, pool_moments
@@ -19,8 +20,8 @@ from twin_core.rounds import (
 )
 from twin_core.schema import parse_schema
 from twin_core.selection import select_sites
-from twin_core.strategies import SiteContribution, aggregate, planned_steps
-from twin_core.weights import StoredWeights, Weights, check_update
+from twin_core.strategies import SiteContribution, aggregate, planned_steps, server_control_of
+from twin_core.weights import Weights, check_update
 from twin_pipelines.config import RoundConfig
 from twin_pipelines.metadata import check_result, failure_lines, plan_metadata, updates_metadata
 from twin_pipelines.partitions import fl_round
@@ -96,18 +97,29 @@ def round_plan(
 
 
 def _train_and_persist(
-    site: Site, plan: RoundPlan, config: RoundConfig, start: StoredWeights, store: RoundStore
+    site: Site,
+    plan: RoundPlan,
+    config: RoundConfig,
+    start: Weights,
+    outgoing: Weights,
+    store: RoundStore,
 ) -> UpdateRecord:
-    """One site's part of a round: train remotely, validate, persist. Raises on any problem."""
+    """One site's part of a round: train remotely, validate, persist. Raises on any problem.
+
+    `outgoing` is what the site receives: the start model, plus SCAFFOLD's control variate.
+    """
     key = plan.round_key
     train_config = config.train_config(site_seed(config.seed, key, site.site_id))
     update = site.train(
-        key, plan.selection.schema_fingerprint, train_config, start.weights, config.train_timeout_s
+        key, plan.selection.schema_fingerprint, train_config, outgoing, config.train_timeout_s
     )
     try:
         if update.num_examples <= 0:
             raise InvalidWeights(f"update claims {update.num_examples} training examples")
-        norm = check_update(update.weights, start.weights, config.max_update_norm)
+        model, control_delta = scaffold.split(update.weights, scaffold.DELTA)
+        norm = check_update(model, start, config.max_update_norm)
+        if config.strategy == "scaffold":
+            check_update(control_delta, scaffold.zeros_like(start), float("inf"))
     except InvalidWeights as exc:
         store.save_rejected(key, site.site_id, update.weights, str(exc))
         raise
@@ -176,6 +188,12 @@ def site_updates(
     """Send the start model to every chosen site, collect, validate and persist their updates."""
     config = RoundConfig(**round_plan.config)
     start = store.load(round_plan.start_path)
+    outgoing = dict(start.weights)
+    if config.strategy == "scaffold":  # the server's control variate travels with the model
+        state = store.server_state(round_plan.start_round, "scaffold")
+        outgoing = scaffold.join(
+            outgoing, server_control_of(state, start.weights), scaffold.CONTROL
+        )
     store.clear_updates(round_plan.round_key)
     sites = fleet.sites()
     missing = [
@@ -185,7 +203,7 @@ def site_updates(
     ]
     results = run_on_sites(
         {s: sites[s] for s in round_plan.selection.chosen if s in sites},
-        lambda site: _train_and_persist(site, round_plan, config, start, store),
+        lambda site: _train_and_persist(site, round_plan, config, start.weights, outgoing, store),
         stage="train",
         timeout=config.train_timeout_s + 10,
     )
@@ -243,7 +261,10 @@ def global_model(
         strategy,
         start,
         ((site, store.load(path).weights) for site, path in contributions),
-        store.server_state(round_plan.start_round, strategy.name) if strategy.server else None,
+        store.server_state(round_plan.start_round, strategy.name)
+        if strategy.server or strategy.name == "scaffold"
+        else None,
+        total_sites=len(round_plan.selection.compatible),
     )
     if server_state is not None:
         store.save_server_state(round_plan.round_key, strategy.name, server_state)
