@@ -123,11 +123,12 @@ def _scaffold(
     state: ServerState | None,
     total_sites: int,
 ) -> tuple[Weights, ServerState, dict]:
-    """x <- mean(y_i) (server step size 1), c <- c + |S|/N mean(delta c_i)."""
+    """x <- the example-weighted mean of y_i (server step size 1; the paper's analysis uses
+    equal weights, practice weights by data), c <- c + |S|/N mean(delta c_i)."""
     mean, deltas = WeightedMean(), []
-    for _, weights in updates:
+    for site, weights in updates:
         model, delta = scaffold.split(weights, scaffold.DELTA)
-        mean.add(model, 1.0)
+        mean.add(model, float(site.num_examples) * site.completion)
         deltas.append(delta)
     control = state.first if state and state.first else scaffold.zeros_like(start)
     new_control = scaffold.server_control(control, deltas, total_sites)

@@ -251,6 +251,17 @@ def cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment(args: argparse.Namespace) -> int:
+    home = TwinHome.from_env()
+    _prepare_env(home)
+    from twin_pipelines.experiments import write_report
+
+    path = write_report(args.kind, args.rounds, args.seed, Path(args.out))
+    print(path.read_text())
+    print(f"written: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="twin", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--drift", action="append", help="e.g. site-3:covariate_severity:200")
     p.set_defaults(run=cohort)
+    p = sub.add_parser("experiment", help="compare strategies; write a markdown + PNG report")
+    p.add_argument("kind", choices=["heterogeneity", "poisoned"])
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", default="docs/experiments")
+    p.set_defaults(run=experiment)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -106,6 +106,26 @@ class RoundConfig(dg.Config):
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
         return out
 
+    def strategy_params(self) -> dict:
+        """The settings that shape this round's strategy (recorded on the registered version)."""
+        params: dict = {"proximal_mu": self.proximal_mu, "screen_updates": self.screen_updates}
+        if self.strategy == "trimmed_mean":
+            params["trim_fraction"] = self.trim_fraction
+        if self.strategy in ("krum", "multi_krum"):
+            params.update(krum_f=self.krum_f, krum_m=self.krum_m)
+        if self.strategy in OPTIMIZERS:
+            params.update(
+                server_lr=self.server_lr,
+                server_beta1=self.server_beta1,
+                server_beta2=self.server_beta2,
+                server_tau=self.server_tau,
+            )
+        if self.screen_updates:
+            params.update(
+                screen_norm_z=self.screen_norm_z, screen_min_cosine=self.screen_min_cosine
+            )
+        return params
+
     def aggregation_strategy(self) -> Strategy:
         server = None
         if self.strategy in OPTIMIZERS:

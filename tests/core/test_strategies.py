@@ -96,10 +96,10 @@ def test_scaffold_control_variates_by_hand():
         {"w": np.array([0.3])}, [{"w": np.array([0.2])}, {"w": np.array([0.6])}], total_sites=4
     )
     assert c["w"][0] == pytest.approx(0.5)
-    # the server model is the plain mean of the sites' models (step size 1)
+    # the server model is the example-weighted mean of the sites' models (step size 1)
     updates = [
         (_site("a", 10), {"w": np.array([1.0]), "scaffold.dc/w": np.array([0.2])}),
         (_site("b", 90), {"w": np.array([3.0]), "scaffold.dc/w": np.array([0.6])}),
     ]
     model, state, _ = aggregate(Strategy("scaffold"), {"w": np.array([0.0])}, updates, None, 2)
-    assert model["w"].tolist() == [2.0] and state.first["w"][0] == pytest.approx(0.4)
+    assert model["w"].tolist() == [2.8] and state.first["w"][0] == pytest.approx(0.4)

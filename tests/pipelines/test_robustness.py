@@ -3,38 +3,14 @@ robust strategies stay near the clean run while FedAvg does not."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from twin_pipelines.campaign import run_round
 from twin_pipelines.config import RoundConfig
+from twin_pipelines.experiments import SignFlipSite
 from twin_pipelines.resources import InProcessFleet
 
 FIVE = ("site-1", "site-2", "site-3", "site-4", "site-5")
-
-
-class SignFlipSite:
-    """A poisoned site: it trains, then sends its change scaled by -10 (Byzantine update)."""
-
-    def __init__(self, inner, scale: float = -10.0):
-        self.inner, self.site_id, self.scale = inner, inner.site_id, scale
-
-    def info(self, timeout):
-        return self.inner.info(timeout)
-
-    def evaluate(self, *args, **kwargs):
-        return self.inner.evaluate(*args, **kwargs)
-
-    def train(self, round_key, fingerprint, config, weights, timeout=None):
-        update = self.inner.train(round_key, fingerprint, config, weights, timeout)
-        poisoned = {
-            k: (weights[k] + self.scale * (v - weights[k])).astype(v.dtype)
-            if v.dtype.kind == "f"
-            else v
-            for k, v in update.weights.items()
-        }
-        return replace(update, weights=poisoned)
 
 
 @pytest.fixture(scope="module")

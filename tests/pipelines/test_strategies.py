@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,10 @@ def test_a_round_runs_with_each_strategy(handlers, round_env, instance, settings
     assert result.success, result.error
     version = env.versions()[0]
     assert version.tags["twin.strategy"] == settings["strategy"]
+    params = json.loads(version.tags["twin.strategy_params"])
+    for key in set(settings) - {"strategy"}:
+        assert params[key] == settings[key]
+    assert json.loads(version.tags["twin.selection"])["policy"] == "all"
 
 
 def test_server_optimiser_state_carries_over_between_rounds(handlers, round_env, instance):

@@ -96,6 +96,16 @@ def registered_model(
         "twin.sites": ",".join(global_model.sites),
         "twin.site_examples": json.dumps(global_model.site_examples, sort_keys=True),
         "twin.strategy": config.strategy,
+        "twin.strategy_params": json.dumps(config.strategy_params(), sort_keys=True),
+        "twin.selection": json.dumps(
+            {
+                "policy": config.selection,
+                "fraction": config.fraction,
+                "min_sites": config.min_sites,
+                "max_sites": config.max_sites,
+            },
+            sort_keys=True,
+        ),
         "twin.task": task.name,
         "twin.schema_fingerprint": round_plan.selection.schema_fingerprint or "",
         "twin.pooled_loss": repr(float(pooled["loss"])),
