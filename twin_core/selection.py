@@ -5,8 +5,9 @@ passed, has training data); then a policy picks among the healthy ones:
 
 all          every healthy site (the largest first when `max_sites` caps them)
 random       a seeded random fraction (fixed by the campaign seed and the round key)
-stratified   spread over the sites' sizes and outcome levels, as they report them in aggregate, so
-             a round never consists only of large (or only of small) hospitals
+stratified   spread over what sites report of themselves in aggregate (size, mean age, outcome
+             level, share of each category such as sex): the most unlike sites are chosen, so a
+             round never consists only of large, or only of similar, hospitals
 fairness     the sites that took part least in recent rounds first
 """
 
@@ -57,9 +58,35 @@ POLICIES = ("all", "random", "stratified", "fairness")
 PROTOCOL = "twin_wire.v1"
 
 
-def _target_level(info: SiteInfo) -> float:
-    """The mean outcome a site reports in its moments (its last column is the target)."""
-    return info.moments[-1].mean if info.moments else 0.0
+def _profile(info: SiteInfo) -> list[float]:
+    """What a site reports of itself in aggregate: log size, then each column's mean
+    (age, outcome level, share of each category...), in column order."""
+    return [math.log1p(info.train_examples)] + [
+        m.mean for m in sorted(info.moments, key=lambda m: m.column)
+    ]
+
+
+def _spread(eligible: list[SiteInfo], count: int) -> list[str]:
+    """Greedy k-center over standardised site profiles: start from the largest site, then
+    repeatedly add the site least like any chosen one (ties: larger site, then id)."""
+    profiles = {i.site_id: _profile(i) for i in eligible}
+    width = min(len(p) for p in profiles.values())
+    columns = list(zip(*(profiles[i.site_id][:width] for i in eligible), strict=True))
+    scales = [(sum(c) / len(c), (max(c) - min(c)) or 1.0) for c in columns]
+
+    def point(site_id: str) -> list[float]:
+        return [(v - m) / s for v, (m, s) in zip(profiles[site_id][:width], scales, strict=True)]
+
+    order = sorted(eligible, key=lambda i: (-i.train_examples, i.site_id))
+    chosen = [order[0].site_id]
+    while len(chosen) < count:
+
+        def distance(info: SiteInfo) -> float:
+            return min(math.dist(point(info.site_id), point(c)) for c in chosen)
+
+        rest = [i for i in order if i.site_id not in chosen]
+        chosen.append(max(rest, key=lambda i: (distance(i), i.train_examples, i.site_id)).site_id)
+    return sorted(chosen)
 
 
 def pick(
@@ -82,13 +109,7 @@ def pick(
         rng = random.Random(int.from_bytes(digest[:8], "little"))
         return sorted(rng.sample(sorted(i.site_id for i in eligible), count))
     if policy == "stratified":
-        # rank by size, then take evenly spaced ranks; within a size band prefer the outcome
-        # level least represented so far (sites report only means, never rows)
-        ranked = sorted(eligible, key=lambda i: (i.train_examples, _target_level(i), i.site_id))
-        step = len(ranked) / count
-        return sorted(
-            ranked[min(len(ranked) - 1, int(step * k + step / 2))].site_id for k in range(count)
-        )
+        return _spread(eligible, count)
     if policy == "fairness":
         seen = participation or {}
         ranked = sorted(

@@ -385,10 +385,28 @@ def test_random_fraction_is_seeded_by_campaign_seed_and_round():
 
 def test_stratified_spreads_over_site_sizes():
     sel = select_sites(_fleet(SIZES), policy="stratified", fraction=0.5)
-    # sizes sorted: s1 20, s2 60, s6 90, s3 150, s4 400, s5 1200: three bands of two sites,
-    # each band's upper middle (rank int(2k + 1)): s2, s3, s5; "all" would take the 3 largest
-    assert sel.chosen == ("s2", "s3", "s5")
-    assert select_sites(_fleet(SIZES), fraction=0.5).chosen == ("s3", "s4", "s5")
+    # greedy k-center on log size: the largest (s5, 1200), the least like it (s1, 20), then the
+    # one furthest from both (s3, 150: log distances 1.98 vs s6 1.47, s4 1.10, s2 1.07)
+    assert sel.chosen == ("s1", "s3", "s5")
+    assert select_sites(_fleet(SIZES), fraction=0.5).chosen == ("s3", "s4", "s5")  # all: largest
+
+
+def test_stratified_keeps_the_case_mix_representative():
+    def site(name: str, women: float, age: float) -> SiteInfo:
+        moments = (
+            ColumnMoments("age", 100, 100 * age, 0.0),
+            ColumnMoments("sex=1", 100, 100 * women, 100 * women),
+        )
+        return dataclasses.replace(_info(name, 400), moments=moments)
+
+    fleet = {
+        "a": site("a", 0.5, 60),
+        "b": site("b", 0.52, 61),
+        "c": site("c", 0.2, 45),
+        "d": site("d", 0.8, 70),
+    }
+    # equal sizes: the tie goes to id a, then the most unlike sites (c and d), not b (like a)
+    assert select_sites(fleet, policy="stratified", max_sites=3).chosen == ("a", "c", "d")
 
 
 def test_fairness_prefers_sites_that_took_part_least():

@@ -190,7 +190,9 @@ def test_twin_moments_match_pandas(site, twin_prepared, twin_frames):
     train_ids, _ = _held_ids(frame)
     rows = frame[frame["patient_id"].isin(train_ids)]
     moments = {m.column: m for m in p.moments}
-    assert list(moments) == ["age", "bmi", "y"]
+    assert list(moments) == ["age", "bmi", "sex=0", "sex=1", "y"]
+    # the case mix, as shares: sex=1 is the share of women among the train patients
+    assert moments["sex=1"].mean == pytest.approx(float(rows[rows["visit"] == 0]["sex"].mean()))
     y = rows["y"].dropna()
     assert moments["y"].count == len(y)
     assert moments["y"].sum == pytest.approx(float(y.sum()), rel=1e-12)
@@ -367,6 +369,7 @@ def test_twin_metrics_without_examples(twin_task):
 
 # ---- tabular ----------------------------------------------------------------------------------
 COLORS = ["red", "green", "blue"]
+SHARES = [f"color={c}" for c in COLORS]
 
 
 def _tabular_frame(n: int, seed: int) -> pd.DataFrame:
@@ -439,15 +442,17 @@ def test_tabular_prepare_counts_split_and_moments(tabular):
     assert moments["x1"].sum == pytest.approx(float(train["x1"].sum()), rel=1e-12)
     assert moments["x2"].sum_squares == pytest.approx(float((train["x2"] ** 2).sum()), rel=1e-12)
     if task.classification:
-        assert list(moments) == ["x1", "x2"]
+        assert list(moments) == ["x1", "x2", *SHARES]
         assert target.dtype == torch.int64
         np.testing.assert_array_equal(
             target.numpy(), (hold["label"] == "pos").to_numpy().astype(int)
         )
     else:
-        assert list(moments) == ["x1", "x2", "y"]
+        assert list(moments) == ["x1", "x2", *SHARES, "y"]
         assert moments["y"].sum == pytest.approx(float(train["y"].sum()), rel=1e-12)
         np.testing.assert_array_equal(target.numpy(), hold["y"].to_numpy(np.float32))
+    red = (train["color"] == "red").mean()
+    assert moments["color=red"].mean == pytest.approx(float(red))
 
 
 def test_tabular_build_model_seeded(tabular):

@@ -60,7 +60,7 @@ def test_info_has_counts_and_fingerprint(client, server):
     assert info.schema_fingerprint == handler.schema.fingerprint
     assert info.units == 20 and info.train_examples > 0 and info.holdout_examples > 0
     assert info.versions["protocol"] == "twin_wire.v1"
-    assert {m.column for m in info.moments} == {"age", "bmi", "y"}
+    assert {m.column for m in info.moments} == {"age", "bmi", "sex=0", "sex=1", "y"}
 
 
 def test_train_and_evaluate_over_grpc(client, server):

@@ -94,6 +94,17 @@ def column_moments(column: str, values: np.ndarray) -> ColumnMoments:
     return ColumnMoments(column, float(v.size), float(v.sum()), float(np.dot(v, v)))
 
 
+def category_shares(features, onehot: np.ndarray) -> tuple[ColumnMoments, ...]:
+    """Share of units in each declared category, as moments named "feature=category" (what a
+    site reports of its case mix, e.g. its share of women; used by stratified selection)."""
+    out, col = [], 0
+    for f in features:
+        for category in f.categories:
+            out.append(column_moments(f"{f.name}={category}", onehot[:, col]))
+            col += 1
+    return tuple(out)
+
+
 def moment_stats(
     moments: Mapping[str, ColumnMoments], columns: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,13 @@ from torch.utils.data import TensorDataset
 
 from twin_core.federation import ColumnMoments
 from twin_core.schema import DataSchema, category_codes
-from twin_core.tasks import PreparedData, column_moments, moment_stats, split_units
+from twin_core.tasks import (
+    PreparedData,
+    category_shares,
+    column_moments,
+    moment_stats,
+    split_units,
+)
 
 Z90 = 1.6448536269514722  # two-sided 90 % interval of a standard normal
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -151,7 +157,8 @@ class PatientTwinTask:
         moments = tuple(
             column_moments(f.name, train["numeric"][:, i])
             for i, f in enumerate(self.schema.numeric_features)
-        ) + (column_moments(self.schema.target, train["y"].ravel()),)
+        ) + category_shares(self.schema.categorical_features, train["categorical"])
+        moments += (column_moments(self.schema.target, train["y"].ravel()),)
         return PreparedData(
             train=train_set,
             holdout=holdout,

@@ -18,7 +18,13 @@ from torch.utils.data import TensorDataset
 
 from twin_core.federation import ColumnMoments
 from twin_core.schema import DataSchema, category_codes
-from twin_core.tasks import PreparedData, column_moments, moment_stats, split_units
+from twin_core.tasks import (
+    PreparedData,
+    category_shares,
+    column_moments,
+    moment_stats,
+    split_units,
+)
 
 
 class TabularNet(nn.Module):
@@ -83,10 +89,12 @@ class TabularTask:
         moments = tuple(
             column_moments(f.name, train[f.name].to_numpy()) for f in self.schema.numeric_features
         )
+        train_tensors = self._tensors(train)
+        moments += category_shares(self.schema.categorical_features, train_tensors[1].numpy())
         if not self.classification:
             moments += (column_moments(self.schema.target, train[self.schema.target].to_numpy()),)
         return PreparedData(
-            train=TensorDataset(*self._tensors(train)),
+            train=TensorDataset(*train_tensors),
             holdout=holdout,
             units=len(frame),
             train_examples=len(train),
