@@ -117,3 +117,22 @@ def treatment_effects(stats: Mapping[str, float]) -> TreatmentEffects:
     mean_cf = s["eff_cf"] / n
     var_cf = max(s["eff_cf2"] / n - mean_cf**2, 0.0) * n / (n - 1)
     return TreatmentEffects(procova, unadjusted, EffectEstimate(mean_cf, math.sqrt(var_cf / n)))
+
+
+def effect_metrics(stats: Mapping[str, float]) -> dict[str, float]:
+    """The effect estimates as named metrics, or nothing when the sums cannot support them
+    (too few patients, or one arm only, as at a small site's holdout)."""
+    if stats.get("eff_n", 0.0) < 4 or not 0 < stats.get("eff_a", 0.0) < stats["eff_n"]:
+        return {}
+    try:
+        effects = treatment_effects(stats)
+    except np.linalg.LinAlgError:
+        return {}
+    return {
+        "procova_ate": effects.procova.estimate,
+        "procova_se": effects.procova.se,
+        "unadjusted_ate": effects.unadjusted.estimate,
+        "unadjusted_se": effects.unadjusted.se,
+        "variance_ratio": effects.variance_ratio,
+        "twin_ate": effects.twin_counterfactual.estimate,
+    }

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from twin_core.effects import EFFECT_STATISTICS, effect_metrics, effect_statistics
 from twin_core.federation import ColumnMoments
 from twin_core.schema import DataSchema, category_codes
 from twin_core.tasks import (
@@ -100,6 +101,7 @@ class PatientTwinTask:
             + tuple(f"h{h}_abs" for h in horizons)
             + tuple(f"h{h}_n" for h in horizons)
             + ("traj_abs2",)
+            + EFFECT_STATISTICS
         )
 
     # -- data (site side) --------------------------------------------------------------
@@ -204,25 +206,48 @@ class PatientTwinTask:
         stats.update(self._rollout_statistics(model, holdout))
         return stats
 
-    def _rollout_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict[str, float]:
-        """Forecast each trajectory from baseline alone, feeding forecasts back as history."""
+    def _rollout(
+        self, model: PatientTwinNet, holdout: TwinHoldout, arm: torch.Tensor
+    ) -> torch.Tensor:
+        """Each patient's forecast trajectory from baseline alone (forecasts fed back as
+        history), under `arm`: (patients, horizon + 1), the observed baseline first."""
         y = holdout.trajectory
         n = y.shape[0]
-        out: dict[str, float] = {"traj_abs2": 0.0}
         history = torch.zeros(n, self.horizon + 1)
         mask = torch.zeros(n, self.horizon + 1)
         history[:, 0], mask[:, 0] = y[:, 0].float(), 1.0
         for h in range(1, self.horizon + 1):
             target = torch.full((n,), h, dtype=torch.long)
             mean, _ = model.forecast(
-                holdout.numeric, holdout.categorical, holdout.arm, history, mask, target
+                holdout.numeric, holdout.categorical, arm, history, mask, target
             )
+            history[:, h], mask[:, h] = mean, 1.0
+        return history.double()
+
+    def _rollout_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict[str, float]:
+        """Trajectory errors per horizon, and the treatment-effect sums at the last visit:
+        PROCOVA uses the control twin's forecast (arm 0) as prognostic score, the twin's own
+        effect is its forecast under treatment minus under control."""
+        y = holdout.trajectory
+        out: dict[str, float] = {"traj_abs2": 0.0}
+        forecast = self._rollout(model, holdout, holdout.arm)
+        for h in range(1, self.horizon + 1):
             observed = torch.isfinite(y[:, h])
-            err = (y[:, h] - mean.double())[observed]
+            err = (y[:, h] - forecast[:, h])[observed]
             out[f"h{h}_abs"] = float(err.abs().sum())
             out[f"h{h}_n"] = float(observed.sum())
             out["traj_abs2"] += float((err**2).sum())
-            history[:, h], mask[:, h] = mean, 1.0
+        control = self._rollout(model, holdout, torch.zeros_like(holdout.arm))[:, -1]
+        treated = self._rollout(model, holdout, torch.ones_like(holdout.arm))[:, -1]
+        final = torch.isfinite(y[:, -1])
+        out.update(
+            effect_statistics(
+                holdout.arm.double()[final].numpy(),
+                control[final].numpy(),
+                y[final, -1].numpy(),
+                (treated - control)[final].numpy(),
+            )
+        )
         return out
 
     def metrics(self, statistics: Mapping[str, float]) -> dict[str, float]:
@@ -241,6 +266,7 @@ class PatientTwinTask:
             if count:
                 out[f"mae_h{h}"] = statistics[f"h{h}_abs"] / count
                 total_abs, total_n = total_abs + statistics[f"h{h}_abs"], total_n + count
+        out.update(effect_metrics(statistics))
         if total_n:
             mean_abs = total_abs / total_n  # forecast from baseline, all horizons
             out["trajectory_mae"] = mean_abs
