@@ -282,9 +282,5 @@ def write_report(kind: str, rounds: int, seed: int, out: Path) -> Path:
     return path
 
 
-def final_losses(curves: list[Curve]) -> dict[str, float]:
-    return {c.label: c.pooled[-1] for c in curves}
-
-
 def relative_gap(a: float, b: float) -> float:
     return float(abs(a - b) / max(abs(b), 1e-12))

@@ -22,18 +22,23 @@ class MonitoringConfig(dg.Config):
     timeout_s: float = 180.0
 
 
+def _ask_every_site(fleet: Fleet, config: MonitoringConfig, stage: str, call) -> tuple[dict, list]:
+    """`call(site, timeout)` at every site at once: (answers by site, failures)."""
+    results = run_on_sites(
+        fleet.sites(),
+        lambda site: call(site, config.timeout_s),
+        stage=stage,
+        timeout=config.timeout_s + 5,
+    )
+    return split_failures(results)
+
+
 @dg.asset(group_name=GROUP, kinds={"great_expectations"})
 def site_data_quality(
     context: dg.AssetExecutionContext, config: MonitoringConfig, fleet: dg.ResourceParam[Fleet]
 ) -> dg.Output[dict]:
     """Each site's latest Great Expectations check of its data, and its quality score."""
-    results = run_on_sites(
-        fleet.sites(),
-        lambda s: s.check_data(config.timeout_s),
-        stage="data_check",
-        timeout=config.timeout_s + 5,
-    )
-    reports, failures = split_failures(results)
+    reports, failures = _ask_every_site(fleet, config, "data_check", lambda s, t: s.check_data(t))
     return dg.Output(reports, metadata=quality_metadata(reports, failures))
 
 
@@ -46,13 +51,7 @@ def site_drift(
 ) -> dg.Output[dict]:
     """Each site's Evidently drift summary: its current window against the data it last
     trained on. The summaries (never the data) are also kept as a JSON artifact in MLflow."""
-    results = run_on_sites(
-        fleet.sites(),
-        lambda s: s.drift(config.timeout_s),
-        stage="drift",
-        timeout=config.timeout_s + 5,
-    )
-    summaries, failures = split_failures(results)
+    summaries, failures = _ask_every_site(fleet, config, "drift", lambda s, t: s.drift(t))
     doc = {
         s: {k: v for k, v in asdict(d).items() if k != "report_html"} for s, d in summaries.items()
     }
@@ -80,15 +79,12 @@ def champion_performance(
     candidate = store.load(store.round_dir(champion.round_key) / "candidate.twt")
     plan = store.read_json(champion.round_key, "plan.json")
     task = task_for(parse_schema(plan["schema"]))
-    results = run_on_sites(
-        fleet.sites(),
-        lambda s: s.evaluate(
-            "monitor", champion.schema_fingerprint, candidate.weights, config.timeout_s
-        ),
-        stage="evaluate",
-        timeout=config.timeout_s + 5,
+    evaluations, failures = _ask_every_site(
+        fleet,
+        config,
+        "evaluate",
+        lambda s, t: s.evaluate("monitor", champion.schema_fingerprint, candidate.weights, t),
     )
-    evaluations, failures = split_failures(results)
     metric = champion.monitoring_metric
     per_site = pool_evaluations(task, evaluations).per_site
     doc = {
