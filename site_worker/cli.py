@@ -40,6 +40,7 @@ class SiteSettings:
     drift_window_days: float | None = None
     drift_share: float = 0.5
     share_drift_report: bool = False
+    truth: Path | None = None
 
     def check(self) -> None:
         if self.synthetic == bool(self.data):
@@ -90,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="allow the full Evidently HTML report to leave the site",
     )
+    p.add_argument(
+        "--truth",
+        type=Path,
+        help="synthetic cohort only: its truth/summary.json; evaluation then reports the "
+        "generator's Bayes forecast beside the twin's (never used for training)",
+    )
     return p
 
 
@@ -110,7 +117,7 @@ def settings_from_args(argv: list[str] | None = None) -> SiteSettings:
     for key in ("site_id", "state_dir"):
         if not values.get(key):
             raise ValueError(f"--{key.replace('_', '-')} is required")
-    for key in ("state_dir", "data", "schema", "ready_file"):
+    for key in ("state_dir", "data", "schema", "ready_file", "truth"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     values["drift"] = tuple(values.get("drift") or ())
@@ -119,6 +126,25 @@ def settings_from_args(argv: list[str] | None = None) -> SiteSettings:
     settings = SiteSettings(**values)
     settings.check()
     return settings
+
+
+def site_oracle(settings: SiteSettings):
+    """The generator's truth for this site, if it has one: a synthetic site knows its own; a
+    file site is given the cohort's truth summary with --truth. Evaluation only."""
+    import json
+
+    from twin_core.oracle import Oracle
+
+    if settings.truth is not None:
+        summary = json.loads(Path(settings.truth).read_text())
+    elif settings.synthetic:
+        from twin_core.cohort import CohortConfig, DriftSpec, generate_cohort
+
+        drift = tuple(DriftSpec.parse(d) for d in settings.drift)
+        summary = generate_cohort(CohortConfig(seed=settings.cohort_seed, drift=drift)).summary
+    else:
+        return None
+    return Oracle.from_summary(summary, settings.site_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         assert settings.data and settings.schema
         source = FileSource(settings.data, settings.schema)
     try:
+        oracle = site_oracle(settings)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(
+            f"site_worker: cannot use the truth of site {settings.site_id}: {exc}", file=sys.stderr
+        )
+        return 2
+    try:
         handler = SiteHandler.from_source(
             settings.site_id,
             source,
@@ -158,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             drift_window_days=settings.drift_window_days,
             drift_share=settings.drift_share,
             share_drift_report=settings.share_drift_report,
+            oracle=oracle,
         )
     except (SchemaError, SiteDataError, ValueError) as exc:
         print(f"site_worker: refusing to start site {settings.site_id}: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ from twin_core import scaffold
 from twin_core.errors import InvalidWeights, SchemaError, SiteCallError, SiteDataError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
 from twin_core.monitoring import DriftSummary, ExpectationOutcome, QualityReport
+from twin_core.oracle import Oracle
 from twin_core.schema import DataSchema
 from twin_core.tasks import task_for
 from twin_core.training import evaluate, load_weights_into, train_local, weights_of
@@ -75,8 +76,10 @@ class SiteHandler:
         drift_window_days: float | None = None,
         drift_share: float = 0.5,
         share_drift_report: bool = False,
+        oracle: Oracle | None = None,
     ) -> None:
         self.site_id = site_id
+        self.oracle = oracle  # the synthetic cohort's truth: evaluation only, never training
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.state_dir = Path(state_dir) if state_dir else None
         self.source = source
@@ -98,7 +101,7 @@ class SiteHandler:
 
     def _use(self, schema: DataSchema, frame: pd.DataFrame) -> None:
         self.schema, self.frame = schema, frame
-        self.task = task_for(schema)
+        self.task = task_for(schema, self.oracle)
         self.data = self.task.prepare(frame, self.holdout_fraction, self.split_seed)
         self._model = self.task.build_model({}, seed=0)
         self._quality: QualityReport | None = None

@@ -290,6 +290,7 @@ def _site(
         }
     )
     summary = {
+        "profile": asdict(s),
         "n_patients": n,
         "n_treated": int(arm.sum()),
         "n_control": int(n - arm.sum()),

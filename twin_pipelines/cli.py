@@ -43,7 +43,8 @@ def _ensure_cohort(home: TwinHome, seed: int) -> Path:
     from twin_core.cohort import CohortConfig, generate_cohort, write_cohort
 
     marker = home.cohort / "truth" / "summary.json"
-    if not marker.exists():
+    # a cohort written before the truth held each site's profile is written again
+    if not marker.exists() or '"profile"' not in marker.read_text():
         write_cohort(generate_cohort(CohortConfig(seed=seed)), home.cohort)
     return home.cohort
 
@@ -53,7 +54,8 @@ def _launches(home: TwinHome, seed: int, n_sites: int):
 
     cohort = _ensure_cohort(home, seed)
     files = sorted((cohort / "sites").glob("*.csv"))[:n_sites]
-    return [SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml") for f in files]
+    truth = cohort / "truth" / "summary.json"
+    return [SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml", truth=truth) for f in files]
 
 
 _COLUMNS = (

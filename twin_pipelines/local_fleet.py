@@ -32,6 +32,7 @@ class SiteLaunch:
     schema: Path | None = None
     synthetic: bool = False
     cohort_seed: int = 7
+    truth: Path | None = None  # the synthetic cohort's truth summary, for evaluation only
     extra_args: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
@@ -40,6 +41,8 @@ class SiteLaunch:
             out += ["--synthetic", "--cohort-seed", str(self.cohort_seed)]
         else:
             out += ["--data", str(self.data), "--schema", str(self.schema)]
+        if self.truth is not None:
+            out += ["--truth", str(self.truth)]
         return out + list(self.extra_args)
 
 

@@ -152,7 +152,7 @@ def test_twin_split_is_by_patient(site, twin_prepared, twin_frames):
     )
     np.testing.assert_array_equal(p.holdout.trajectory.numpy(), expected)
     # every training example belongs to a train patient, and none to a held patient
-    numeric, _cat, _arm, history, mask, _target, _y = p.train.tensors
+    numeric, _cat, _arm, history, mask, _target, _noise, _y = p.train.tensors
     assert torch.all(mask[:, 0] == 1)
     train_keys = _patient_keys(numeric, history[:, 0])
     held_keys = _patient_keys(p.holdout.numeric, p.holdout.trajectory[:, 0])
@@ -170,7 +170,7 @@ def test_twin_split_is_by_patient(site, twin_prepared, twin_frames):
 
 def test_twin_training_examples_are_next_visit_targets(twin_prepared, twin_frames):
     p, frame = twin_prepared["site-1"], twin_frames["site-1"]
-    numeric, _cat, arm, history, mask, target, y = p.train.tensors
+    numeric, _cat, arm, history, mask, target, _noise, y = p.train.tensors
     assert torch.all((target >= 1) & (target <= 6))
     visits = torch.arange(7)
     # history is masked strictly before the target visit
@@ -292,7 +292,10 @@ def _cat_holdouts(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
         torch.cat([a.numeric, b.numeric]),
         torch.cat([a.categorical, b.categorical]),
         torch.cat([a.arm, b.arm]),
+        torch.cat([a.noise, b.noise]),
         torch.cat([a.trajectory, b.trajectory]),
+        {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
+        torch.cat([a.draws, b.draws]),
     )
 
 
@@ -338,8 +341,12 @@ def test_twin_statistics_by_hand(twin_task, trained_twin, twin_prepared):
     assert stats["sum_sq"] == pytest.approx(float((err**2).sum()), rel=1e-9)
     covered = float((err.abs() <= 1.6448536269514722 * sd.double()).sum())
     assert stats["n_covered90"] == covered
-    observed_h = [int(torch.isfinite(holdout.trajectory[:, h]).sum()) for h in range(1, 7)]
-    assert [stats[f"h{h}_n"] for h in range(1, 7)] == observed_h
+    # horizon h: every observed visit j as forecast origin, the visit j + h if observed
+    seen = torch.isfinite(holdout.trajectory)
+    pairs = [int((seen[:, : 7 - h] & seen[:, h:]).sum()) for h in range(1, 7)]
+    assert [stats[f"h{h}_n"] for h in range(1, 7)] == pairs
+    # from baseline (origin 0) alone: what monitoring's trajectory MAE is made of
+    assert stats["traj_n"] == int(seen[:, 1:].sum())
 
 
 def test_pool_evaluations_sums_sites_then_computes_metrics(twin_task, trained_twin, twin_prepared):

@@ -114,12 +114,13 @@ def moment_stats(
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def task_for(schema: DataSchema) -> Task:
-    """The task a schema names."""
+def task_for(schema: DataSchema, oracle: Any = None) -> Task:
+    """The task a schema names; `oracle` (the patient twin on a synthetic cohort only) adds
+    the generator's Bayes forecast beside the model's in the evaluation."""
     if schema.task == "patient_twin":
         from twin_core.tasks.patient_twin import PatientTwinTask
 
-        return PatientTwinTask(schema)
+        return PatientTwinTask(schema, oracle)
     from twin_core.tasks.tabular import TabularTask
 
     return TabularTask(schema)

@@ -7,6 +7,7 @@ rolled forward from baseline for whole trajectories; the control twin is the for
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch.utils.data import TensorDataset
 
 from twin_core.effects import EFFECT_STATISTICS, effect_metrics, effect_statistics
 from twin_core.federation import ColumnMoments
+from twin_core.oracle import Oracle
 from twin_core.schema import DataSchema, category_codes
 from twin_core.tasks import (
     PreparedData,
@@ -29,11 +31,84 @@ from twin_core.tasks import (
 )
 
 Z90 = 1.6448536269514722  # two-sided 90 % interval of a standard normal
+# beyond one visit ahead, intervals come from SAMPLES sampled paths: mean +- t * sd * sqrt(1 +
+# 1/SAMPLES) is an exact 90 % prediction interval for a new draw of a normal known by SAMPLES
+# draws (t: the 95 % quantile of Student's t with SAMPLES - 1 degrees of freedom)
+SAMPLES = 32
+_T_SAMPLES = 1.6955187825458649 * math.sqrt(1 + 1 / SAMPLES)
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+N_SUMMARY = 6  # features of the observed history, see history_summary
+
+
+def history_summary(h: torch.Tensor, mask: torch.Tensor, target_visit: torch.Tensor):
+    """What a linear fit to the observed history says, per row: share of visits seen, their
+    mean, the least-squares slope and residual spread, and the line's value at the target.
+
+    The Bayes forecast of a noisy linear course is a function of exactly these, weighed by
+    how many visits there are; an MLP finds products of mask and value hard to learn from the
+    padded history alone, so they are given to it. Visit times are scaled to [0, 1].
+    """
+    n_visits = mask.shape[1]
+    t = torch.arange(n_visits, dtype=h.dtype) / (n_visits - 1)
+    k = mask.sum(1)
+    t_bar = (mask * t).sum(1) / k
+    y_bar = (mask * h).sum(1) / k
+    dt = (t[None, :] - t_bar[:, None]) * mask
+    sxx = (dt * dt).sum(1)
+    has_slope = (k >= 2).to(h.dtype)
+    slope = has_slope * (dt * (h - y_bar[:, None])).sum(1) / sxx.clamp_min(1e-6)
+    residual = (h - y_bar[:, None] - slope[:, None] * dt) * mask
+    has_spread = (k >= 3).to(h.dtype)
+    spread = has_spread * torch.sqrt((residual**2).sum(1) / (k - 2).clamp_min(1.0) + 1e-8)
+    at_target = y_bar + slope * (target_visit.to(h.dtype) / (n_visits - 1) - t_bar)
+    return torch.stack([k / n_visits, y_bar, slope, spread, has_spread, at_target], 1)
+
+
+class LinearCourse(nn.Module):
+    """A random-intercept, random-slope course updated by the observed visits (Bayes' rule
+    in closed form): the structure of a disease-progression mixed model, learnt.
+
+    Each patient's course is a line, level + slope * t; its prior mean is linear in the
+    baseline covariates and arm, its prior covariance is learnt, and the site's measurement
+    noise (estimated at the site) sets how far the observed visits pull it. The forecast of
+    the target visit is the posterior predictive (mean, variance); the MLP corrects both.
+    """
+
+    def __init__(self, n_inputs: int, horizon: int):
+        super().__init__()
+        self.horizon = horizon
+        self.prior_mean = nn.Linear(n_inputs, 2)
+        self.log_sd = nn.Parameter(torch.tensor([0.0, -1.0]))  # level, slope per horizon
+        self.correlation = nn.Parameter(torch.zeros(1))  # tanh -> (-1, 1)
+
+    def forward(self, covariates, h, mask, target_visit, noise):
+        t = torch.arange(self.horizon + 1, dtype=h.dtype) / self.horizon
+        mu = self.prior_mean(covariates)
+        sd = torch.exp(self.log_sd)
+        r = torch.tanh(self.correlation)[0] * 0.99
+        s00, s11, s01 = sd[0] ** 2, sd[1] ** 2, r * sd[0] * sd[1]
+        det = s00 * s11 - s01**2
+        p00, p11, p01 = s11 / det, s00 / det, -s01 / det  # prior precision
+        noise2 = noise.clamp_min(1e-3) ** 2
+        k, st, stt = mask.sum(1), (mask * t).sum(1), (mask * t * t).sum(1)
+        sy, sty = (mask * h).sum(1), (mask * t * h).sum(1)
+        a00, a01, a11 = p00 + k / noise2, p01 + st / noise2, p11 + stt / noise2
+        b0 = p00 * mu[:, 0] + p01 * mu[:, 1] + sy / noise2
+        b1 = p01 * mu[:, 0] + p11 * mu[:, 1] + sty / noise2
+        det_a = a00 * a11 - a01**2
+        c00, c11, c01 = a11 / det_a, a00 / det_a, -a01 / det_a  # posterior covariance
+        m0, m1 = c00 * b0 + c01 * b1, c01 * b0 + c11 * b1
+        tt = target_visit.to(h.dtype) / self.horizon
+        mean = m0 + m1 * tt
+        var = c00 + 2 * c01 * tt + c11 * tt * tt + noise2
+        return mean, var
+
+
 class PatientTwinNet(nn.Module):
-    """MLP over baseline covariates, arm, and the standardised, masked visit history."""
+    """MLP over baseline covariates, arm, the standardised masked visit history, a summary of
+    that history, and the site's measurement noise (estimated at the site from its own data)."""
 
     def __init__(self, n_numeric: int, n_categorical: int, horizon: int, hidden: tuple[int, ...]):
         super().__init__()
@@ -42,15 +117,16 @@ class PatientTwinNet(nn.Module):
         self.register_buffer("numeric_std", torch.ones(n_numeric))
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
-        width = n_numeric + n_categorical + 1 + 2 * (horizon + 1) + horizon + 1
+        width = n_numeric + n_categorical + 1 + 2 * (horizon + 1) + horizon + 1 + N_SUMMARY + 1
         layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)
+        self.course = LinearCourse(n_numeric + n_categorical + 1, horizon)
 
-    def forward(self, numeric, categorical, arm, history, mask, target_visit):
+    def forward(self, numeric, categorical, arm, history, mask, target_visit, noise):
         """Standardised (mean, log-variance) of the visit `target_visit` (1..horizon)."""
         # a missing covariate (NaN) sits at the federation mean: 0 once standardised
         x = torch.nan_to_num((numeric - self.numeric_mean) / self.numeric_std, nan=0.0)
@@ -60,11 +136,34 @@ class PatientTwinNet(nn.Module):
         last_value = h.gather(1, last.unsqueeze(1)).squeeze(1)
         target_onehot = nn.functional.one_hot(target_visit - 1, self.horizon).to(x.dtype)
         gap = (target_visit - last).to(x.dtype) / self.horizon
+        summary = history_summary(h, mask, target_visit)
+        site_noise = (noise / self.target_std).unsqueeze(1)
         z = torch.cat(
-            [x, categorical, arm.unsqueeze(1), h, mask, target_onehot, gap.unsqueeze(1)], 1
+            [
+                x,
+                categorical,
+                arm.unsqueeze(1),
+                h,
+                mask,
+                target_onehot,
+                gap.unsqueeze(1),
+                summary,
+                site_noise,
+            ],
+            1,
         )
         out = self.net(z)
-        return last_value + out[:, 0], out[:, 1].clamp(-8.0, 6.0)
+        prior_mean, prior_var = self.course(
+            torch.cat([x, categorical, arm.unsqueeze(1)], 1),
+            h,
+            mask,
+            target_visit,
+            site_noise.squeeze(1),
+        )
+        # the MLP corrects in units of the site's noise: a correction learnt at noisy sites
+        # must not swamp the forecast at a precise one
+        scale = site_noise.squeeze(1)
+        return prior_mean + scale * out[:, 0], torch.log(prior_var).clamp(-8.0, 6.0) + out[:, 1]
 
     def forecast(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation in the target's own units."""
@@ -74,15 +173,48 @@ class PatientTwinNet(nn.Module):
         ) * self.target_std
 
 
+def site_noise_sd(y: np.ndarray) -> float:
+    """A site's measurement noise: the pooled spread of its patients' visits around their own
+    least-squares lines (patients with three or more observed visits); NaN if it has none."""
+    observed = np.isfinite(y)
+    k = observed.sum(1)
+    rows = k >= 3
+    if not rows.any():
+        return math.nan
+    t = np.broadcast_to(np.arange(y.shape[1], dtype=np.float64), y.shape)[rows]
+    m, v = observed[rows], np.nan_to_num(y[rows])
+    kk = k[rows].astype(np.float64)
+    t_bar = (m * t).sum(1) / kk
+    y_bar = (m * v).sum(1) / kk
+    dt = (t - t_bar[:, None]) * m
+    slope = (dt * (v - y_bar[:, None])).sum(1) / (dt * dt).sum(1)
+    rss = (((v - y_bar[:, None] - slope[:, None] * dt) * m) ** 2).sum()
+    return float(math.sqrt(rss / (kk - 2).sum()))
+
+
 @dataclass(frozen=True)
 class TwinHoldout:
-    """Holdout patients: next-visit examples plus whole trajectories for roll-outs."""
+    """Holdout patients: next-visit examples plus whole trajectories for forecasts."""
 
     next_visit: tuple[torch.Tensor, ...]
     numeric: torch.Tensor
     categorical: torch.Tensor
     arm: torch.Tensor
+    noise: torch.Tensor  # the site's noise estimate, per patient
     trajectory: torch.Tensor  # (patients, horizon + 1), NaN where unobserved
+    covariates: dict[str, np.ndarray]  # raw baseline covariates by name (for the oracle)
+    draws: torch.Tensor  # (patients, SAMPLES, horizon + 1) standard normals, fixed per patient
+
+
+def patient_draws(ids: np.ndarray, width: int) -> torch.Tensor:
+    """Standard normal draws for each patient's sampled paths, seeded by the patient's id: a
+    patient's interval is the same whichever patients are evaluated with it, so statistics
+    add up across sites and batches exactly."""
+    out = np.empty((len(ids), SAMPLES, width), dtype=np.float32)
+    for i, unit in enumerate(ids):
+        seed = int.from_bytes(hashlib.sha256(f"paths:{unit}".encode()).digest()[:8], "little")
+        out[i] = np.random.default_rng(seed).standard_normal((SAMPLES, width))
+    return torch.from_numpy(out)
 
 
 class PatientTwinTask:
@@ -91,16 +223,25 @@ class PatientTwinTask:
     # disease course changes (a concept shift), long before next-visit likelihood does
     monitoring_metric = "trajectory_mae"
 
-    def __init__(self, schema: DataSchema):
+    def __init__(self, schema: DataSchema, oracle: Oracle | None = None):
         self.schema = schema
         self.horizon = schema.horizon
+        self.oracle = oracle  # the generator's truth at this site (evaluation only)
         self.n_categorical = sum(len(f.categories) for f in schema.categorical_features)
-        horizons = range(1, self.horizon + 1)
+        per_horizon = (
+            "n",
+            "abs",
+            "sq",
+            "cov",
+            "naive_abs",
+            "oracle_abs",
+            "oracle_sq",
+            "oracle_cov",
+        )
         self.statistic_names = (
             ("n", "sum_nll", "sum_abs", "sum_sq", "n_covered90")
-            + tuple(f"h{h}_abs" for h in horizons)
-            + tuple(f"h{h}_n" for h in horizons)
-            + ("traj_abs2",)
+            + tuple(f"h{h}_{k}" for h in range(1, self.horizon + 1) for k in per_horizon)
+            + ("oracle_points", "oracle_floor", "traj_n", "traj_abs", "traj_abs2")
             + EFFECT_STATISTICS
         )
 
@@ -118,9 +259,15 @@ class PatientTwinTask:
         ]
         categorical = np.concatenate(onehots, 1) if onehots else np.zeros((len(ids), 0))
         arm = base[s.arm_column].to_numpy(dtype=np.float64)
-        return {"ids": ids, "y": y, "numeric": numeric, "categorical": categorical, "arm": arm}
+        out = {"ids": ids, "y": y, "numeric": numeric, "categorical": categorical, "arm": arm}
+        for f in s.features:  # raw values, for the oracle (numbers only; others stay out)
+            values = pd.to_numeric(base[f.name], errors="coerce")
+            out[f"raw:{f.name}"] = values.to_numpy(dtype=np.float64)
+        return out
 
-    def _next_visit_examples(self, p: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+    def _next_visit_examples(
+        self, p: dict[str, np.ndarray], noise: float
+    ) -> tuple[torch.Tensor, ...]:
         y = p["y"]
         observed = np.isfinite(y)
         rows, targets = np.nonzero(observed[:, 1:])
@@ -136,6 +283,7 @@ class PatientTwinTask:
             torch.tensor(history, dtype=f32),
             torch.tensor(mask, dtype=f32),
             torch.tensor(targets, dtype=torch.long),
+            torch.full((len(rows),), noise, dtype=f32),
             torch.tensor(y[rows, targets], dtype=f32),
         )
 
@@ -146,15 +294,22 @@ class PatientTwinTask:
         held = split_units(p["ids"], holdout_fraction, split_seed)
         train = {k: v[~held] for k, v in p.items()}
         hold = {k: v[held] for k, v in p.items()}
-        train_set = TensorDataset(*self._next_visit_examples(train))
-        hold_examples = self._next_visit_examples(hold)
+        noise = site_noise_sd(train["y"])
+        if not math.isfinite(noise):  # too few repeated visits to tell: the site's spread
+            finite = train["y"][np.isfinite(train["y"])]
+            noise = float(finite.std()) if finite.size > 1 else 1.0
+        train_set = TensorDataset(*self._next_visit_examples(train, noise))
+        hold_examples = self._next_visit_examples(hold, noise)
         f32 = torch.float32
         holdout = TwinHoldout(
             hold_examples,
             torch.tensor(hold["numeric"], dtype=f32),
             torch.tensor(hold["categorical"], dtype=f32),
             torch.tensor(hold["arm"], dtype=f32),
+            torch.full((len(hold["ids"]),), noise, dtype=f32),
             torch.tensor(hold["y"], dtype=torch.float64),
+            {k[4:]: v for k, v in hold.items() if k.startswith("raw:")},
+            patient_draws(hold["ids"], self.horizon + 1),
         )
         moments = tuple(
             column_moments(f.name, train["numeric"][:, i])
@@ -203,52 +358,128 @@ class PatientTwinTask:
                 sum_sq=float((err**2).sum()),
                 n_covered90=float((err.abs() <= Z90 * sd).sum()),
             )
-        stats.update(self._rollout_statistics(model, holdout))
+        if len(holdout.arm):
+            stats.update(self._horizon_statistics(model, holdout))
+            stats.update(self._effect_statistics(model, holdout))
         return stats
 
-    def _rollout(
-        self, model: PatientTwinNet, holdout: TwinHoldout, arm: torch.Tensor
-    ) -> torch.Tensor:
-        """Each patient's forecast trajectory from baseline alone (forecasts fed back as
-        history), under `arm`: (patients, horizon + 1), the observed baseline first."""
-        y = holdout.trajectory
-        n = y.shape[0]
-        history = torch.zeros(n, self.horizon + 1)
-        mask = torch.zeros(n, self.horizon + 1)
-        history[:, 0], mask[:, 0] = y[:, 0].float(), 1.0
-        for h in range(1, self.horizon + 1):
-            target = torch.full((n,), h, dtype=torch.long)
-            mean, _ = model.forecast(
-                holdout.numeric, holdout.categorical, arm, history, mask, target
-            )
-            history[:, h], mask[:, h] = mean, 1.0
-        return history.double()
+    def _paths(
+        self, model: PatientTwinNet, holdout: TwinHoldout, rows, origin: int, arm, samples: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forecasts of visits origin+1..horizon for patients `rows`, from the visits observed
+        up to `origin`, rolled forward: the mean path (each forecast fed back as history),
+        and `samples` sampled paths (a draw from each forecast fed back), or None."""
+        y = holdout.trajectory[rows]
+        n, width = len(rows), self.horizon + 1
+        observed = torch.isfinite(y) & (torch.arange(width)[None, :] <= origin)
+        history = torch.where(observed, y, 0.0).float().repeat(1 + samples, 1)
+        mask = observed.float().repeat(1 + samples, 1)
+        block = lambda t: t[rows].repeat(1 + samples, *([1] * (t.dim() - 1)))  # noqa: E731
+        numeric, categorical, noise = (
+            block(holdout.numeric),
+            block(holdout.categorical),
+            block(holdout.noise),
+        )
+        arm = arm[rows].repeat(1 + samples)
+        draws = holdout.draws[rows, :samples].transpose(0, 1).reshape(samples * n, width)
+        for visit in range(origin + 1, width):
+            target = torch.full((len(arm),), visit, dtype=torch.long)
+            mean, sd = model.forecast(numeric, categorical, arm, history, mask, target, noise)
+            draw = mean[n:] + sd[n:] * draws[:, visit]
+            history[:, visit] = torch.cat([mean[:n], draw])
+            mask[:, visit] = 1.0
+        paths = history.double().view(1 + samples, n, width)
+        return paths[0], (paths[1:] if samples else None)
 
-    def _rollout_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict[str, float]:
-        """Trajectory errors per horizon, and the treatment-effect sums at the last visit:
-        PROCOVA uses the control twin's forecast (arm 0) as prognostic score, the twin's own
+    def _horizon_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict:
+        """Errors by horizon: from every observed visit (the forecast origin), the visits h
+        ahead that were observed; the twin's 90 % interval there (h = 1: its Gaussian; later:
+        the spread of sampled paths, as a prediction interval from SAMPLES draws); the last
+        observed value as a naive forecast; and the oracle's forecast from the same history."""
+        y = holdout.trajectory
+        width = self.horizon + 1
+        out: dict[str, float] = {}
+        oracle_points = 0.0
+        for origin in range(self.horizon):
+            rows = torch.nonzero(torch.isfinite(y[:, origin])).squeeze(1)
+            if not len(rows):
+                continue
+            mean_path, sampled = self._paths(model, holdout, rows, origin, holdout.arm, SAMPLES)
+            observed = torch.isfinite(y[rows]) & (torch.arange(width)[None, :] <= origin)
+            for visit in range(origin + 1, width):
+                h, target = visit - origin, y[rows, visit]
+                seen = torch.isfinite(target)
+                if not seen.any():
+                    continue
+                err = (target - mean_path[:, visit])[seen]
+                if h == 1:
+                    inputs = self._inputs(holdout, rows, observed, visit)
+                    _, sd = model.forecast(*inputs)
+                    covered = err.abs() <= Z90 * sd.double()[seen]
+                else:
+                    draws = sampled[:, :, visit][:, seen]
+                    centre, spread = draws.mean(0), draws.std(0)
+                    covered = (target[seen] - centre).abs() <= _T_SAMPLES * spread
+                naive = y[rows, origin][seen]
+                _add(out, f"h{h}_n", float(seen.sum()))
+                _add(out, f"h{h}_abs", float(err.abs().sum()))
+                _add(out, f"h{h}_sq", float((err**2).sum()))
+                _add(out, f"h{h}_cov", float(covered.sum()))
+                _add(out, f"h{h}_naive_abs", float((target[seen] - naive).abs().sum()))
+                if self.oracle is not None:
+                    o = self._oracle(holdout, rows[seen], observed[seen], visit)
+                    o_err = target[seen].numpy() - o.mean
+                    _add(out, f"h{h}_oracle_abs", float(np.abs(o_err).sum()))
+                    _add(out, f"h{h}_oracle_sq", float((o_err**2).sum()))
+                    _add(out, f"h{h}_oracle_cov", float((np.abs(o_err) <= Z90 * o.sd).sum()))
+                    oracle_points += float(seen.sum())
+                    if h == 1:
+                        _add(out, "oracle_floor", self.oracle.noise_floor * float(seen.sum()))
+                if origin == 0:  # the trajectory from baseline alone: what monitoring watches
+                    _add(out, "traj_n", float(seen.sum()))
+                    _add(out, "traj_abs", float(err.abs().sum()))
+                    _add(out, "traj_abs2", float((err**2).sum()))
+        out["oracle_points"] = oracle_points
+        return out
+
+    def _inputs(self, holdout: TwinHoldout, rows, observed, visit: int) -> tuple:
+        y = holdout.trajectory[rows]
+        return (
+            holdout.numeric[rows],
+            holdout.categorical[rows],
+            holdout.arm[rows],
+            torch.where(observed, y, 0.0).float(),
+            observed.float(),
+            torch.full((len(rows),), visit, dtype=torch.long),
+            holdout.noise[rows],
+        )
+
+    def _oracle(self, holdout: TwinHoldout, rows, observed, visit: int):
+        idx = rows.numpy()
+        y = holdout.trajectory[rows].numpy()
+        return self.oracle.forecast(
+            {k: v[idx] for k, v in holdout.covariates.items()},
+            holdout.arm.double().numpy()[idx],
+            np.where(observed.numpy(), y, 0.0),
+            observed.numpy(),
+            np.full(len(idx), visit),
+        )
+
+    def _effect_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict:
+        """Treatment-effect sums at the last visit, over patients observed there: PROCOVA's
+        prognostic score is the control twin's forecast from baseline (arm 0); the twin's own
         effect is its forecast under treatment minus under control."""
         y = holdout.trajectory
-        out: dict[str, float] = {"traj_abs2": 0.0}
-        forecast = self._rollout(model, holdout, holdout.arm)
-        for h in range(1, self.horizon + 1):
-            observed = torch.isfinite(y[:, h])
-            err = (y[:, h] - forecast[:, h])[observed]
-            out[f"h{h}_abs"] = float(err.abs().sum())
-            out[f"h{h}_n"] = float(observed.sum())
-            out["traj_abs2"] += float((err**2).sum())
-        control = self._rollout(model, holdout, torch.zeros_like(holdout.arm))[:, -1]
-        treated = self._rollout(model, holdout, torch.ones_like(holdout.arm))[:, -1]
+        everyone = torch.arange(len(y))
+        control, _ = self._paths(model, holdout, everyone, 0, torch.zeros_like(holdout.arm), 0)
+        treated, _ = self._paths(model, holdout, everyone, 0, torch.ones_like(holdout.arm), 0)
         final = torch.isfinite(y[:, -1])
-        out.update(
-            effect_statistics(
-                holdout.arm.double()[final].numpy(),
-                control[final].numpy(),
-                y[final, -1].numpy(),
-                (treated - control)[final].numpy(),
-            )
+        return effect_statistics(
+            holdout.arm.double()[final].numpy(),
+            control[final, -1].numpy(),
+            y[final, -1].numpy(),
+            (treated - control)[final, -1].numpy(),
         )
-        return out
 
     def metrics(self, statistics: Mapping[str, float]) -> dict[str, float]:
         n = statistics.get("n", 0.0)
@@ -260,17 +491,37 @@ class PatientTwinTask:
             "rmse": math.sqrt(statistics["sum_sq"] / n),
             "coverage90": statistics["n_covered90"] / n,
         }
-        total_abs = total_n = 0.0
+        points = 0.0
         for h in range(1, self.horizon + 1):
             count = statistics.get(f"h{h}_n", 0.0)
-            if count:
-                out[f"mae_h{h}"] = statistics[f"h{h}_abs"] / count
-                total_abs, total_n = total_abs + statistics[f"h{h}_abs"], total_n + count
+            if not count:
+                continue
+            points += count
+            out[f"mae_h{h}"] = statistics[f"h{h}_abs"] / count
+            out[f"rmse_h{h}"] = math.sqrt(statistics[f"h{h}_sq"] / count)
+            out[f"coverage90_h{h}"] = statistics[f"h{h}_cov"] / count
+            out[f"naive_mae_h{h}"] = statistics[f"h{h}_naive_abs"] / count
+        # the oracle's figures only where every point had one (all sites hold the truth)
+        if points and statistics.get("oracle_points", 0.0) == points:
+            for h in range(1, self.horizon + 1):
+                count = statistics.get(f"h{h}_n", 0.0)
+                if count:
+                    out[f"oracle_mae_h{h}"] = statistics[f"h{h}_oracle_abs"] / count
+                    out[f"oracle_rmse_h{h}"] = math.sqrt(statistics[f"h{h}_oracle_sq"] / count)
+                    out[f"oracle_coverage90_h{h}"] = statistics[f"h{h}_oracle_cov"] / count
+            if statistics.get("h1_n", 0.0):
+                out["noise_floor"] = statistics["oracle_floor"] / statistics["h1_n"]
+                out["mae_h1_vs_oracle"] = out["mae_h1"] / out["oracle_mae_h1"]
         out.update(effect_metrics(statistics))
-        if total_n:
-            mean_abs = total_abs / total_n  # forecast from baseline, all horizons
+        count = statistics.get("traj_n", 0.0)
+        if count:
+            mean_abs = statistics["traj_abs"] / count  # forecast from baseline, all horizons
             out["trajectory_mae"] = mean_abs
             # standard error of that mean (errors of one patient's horizons taken as independent)
-            variance = max(statistics.get("traj_abs2", 0.0) / total_n - mean_abs**2, 0.0)
-            out["trajectory_mae_se"] = math.sqrt(variance / total_n)
+            variance = max(statistics["traj_abs2"] / count - mean_abs**2, 0.0)
+            out["trajectory_mae_se"] = math.sqrt(variance / count)
         return out
+
+
+def _add(out: dict[str, float], key: str, value: float) -> None:
+    out[key] = out.get(key, 0.0) + value

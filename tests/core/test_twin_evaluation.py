@@ -1,0 +1,179 @@
+"""The twin's evaluation: its course layer by hand, forecasts by horizon, the oracle beside it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from twin_core.cohort import CohortConfig, cohort_schema, generate_cohort
+from twin_core.federation import TrainConfig, pool_moments
+from twin_core.oracle import Oracle
+from twin_core.rounds import pool_evaluations
+from twin_core.schema import check_frame, parse_schema
+from twin_core.tasks import task_for
+from twin_core.tasks.patient_twin import (
+    SAMPLES,
+    TwinHoldout,
+    patient_draws,
+    site_noise_sd,
+)
+from twin_core.training import evaluate, train_local
+
+SITES = ("site-2", "site-3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def setting():
+    cohort = generate_cohort(CohortConfig(seed=11))
+    schema = parse_schema(cohort_schema())
+    tasks = {s: task_for(schema, Oracle.from_summary(cohort.summary, s)) for s in SITES}
+    prepared = {s: tasks[s].prepare(check_frame(schema, cohort.site(s)), 0.3, 0) for s in SITES}
+    plain = task_for(schema)
+    model = plain.build_model(pool_moments(p.moments for p in prepared.values()), seed=3)
+    for s in SITES:
+        train_local(plain, model, prepared[s].train, TrainConfig(3, 32, 3e-3, seed=1))
+    return cohort, schema, tasks, plain, prepared, model
+
+
+def test_course_layer_is_bayes_rule_by_hand(setting):
+    """With the MLP's output at zero, the twin's forecast is the posterior predictive of its
+    learnt line prior, which conditioning the joint normal of the visits reproduces."""
+    _, _, _, plain, prepared, model = setting
+    model = type(model)(2, 2, 6, (64, 64))
+    model.load_state_dict(setting[-1].state_dict())
+    with torch.no_grad():
+        model.net[-1].weight.zero_()
+        model.net[-1].bias.zero_()
+    *inputs, _y = (t[:40] for t in prepared["site-2"].holdout.next_visit)
+    with torch.no_grad():
+        mean_s, log_var_s = model(*inputs)
+    numeric, categorical, arm, history, mask, target, noise = inputs
+    course = model.course
+    x = torch.nan_to_num((numeric - model.numeric_mean) / model.numeric_std)
+    with torch.no_grad():
+        mu = course.prior_mean(torch.cat([x, categorical, arm.unsqueeze(1)], 1)).double()
+        sd = torch.exp(course.log_sd).double()
+        r = float(torch.tanh(course.correlation)[0]) * 0.99
+    prior = np.array([[sd[0] ** 2, r * sd[0] * sd[1]], [r * sd[0] * sd[1], sd[1] ** 2]])
+    h = ((history - model.target_mean) / model.target_std).double().numpy()
+    sigma2 = (noise / model.target_std).double().numpy() ** 2
+    for i in range(len(target)):
+        seen = np.nonzero(mask[i].numpy())[0]
+        times = np.r_[seen, target[i].item()] / 6.0
+        design = np.stack([np.ones_like(times), times], 1)
+        joint = design @ prior @ design.T + sigma2[i] * np.eye(len(times))
+        means = design @ mu[i].numpy()
+        c_oo, c_to = joint[:-1, :-1], joint[-1, :-1]
+        expected = means[-1] + c_to @ np.linalg.solve(c_oo, h[i, seen] - means[:-1])
+        variance = joint[-1, -1] - c_to @ np.linalg.solve(c_oo, c_to)
+        assert float(mean_s[i]) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        assert math.exp(float(log_var_s[i])) == pytest.approx(variance, rel=1e-4)
+
+
+def test_site_noise_is_the_spread_around_each_patients_line():
+    rng = np.random.default_rng(0)
+    t = np.arange(7.0)
+    lines = rng.normal(20, 3, (500, 1)) + rng.normal(1, 0.5, (500, 1)) * t
+    y = lines + rng.normal(0, 0.7, lines.shape)
+    y[rng.random(y.shape) < 0.2] = np.nan
+    y[:, 0] = lines[:, 0]
+    assert site_noise_sd(y) == pytest.approx(0.7, rel=0.05)
+    assert math.isnan(site_noise_sd(y[:, :2]))  # nobody with three visits
+
+
+def test_draws_are_fixed_per_patient():
+    a = patient_draws(np.array(["p1", "p2", "p3"]), 7)
+    b = patient_draws(np.array(["p3", "p1"]), 7)
+    assert a.shape == (3, SAMPLES, 7)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
+    assert not torch.equal(a[0], a[1])
+
+
+def _concat(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
+    return TwinHoldout(
+        tuple(torch.cat([x, y]) for x, y in zip(a.next_visit, b.next_visit, strict=True)),
+        torch.cat([a.numeric, b.numeric]),
+        torch.cat([a.categorical, b.categorical]),
+        torch.cat([a.arm, b.arm]),
+        torch.cat([a.noise, b.noise]),
+        torch.cat([a.trajectory, b.trajectory]),
+        {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
+        torch.cat([a.draws, b.draws]),
+    )
+
+
+def test_statistics_add_up_across_sites_with_the_oracle(setting):
+    cohort, schema, tasks, plain, prepared, model = setting
+    # one site's oracle on both halves of that site's holdout: sums add exactly
+    task, holdout = tasks["site-3"], prepared["site-3"].holdout
+    n = len(holdout.arm)
+    halves = [
+        TwinHoldout(
+            tuple(t for t in holdout.next_visit),
+            *(t[sl] for t in (holdout.numeric, holdout.categorical, holdout.arm, holdout.noise)),
+            holdout.trajectory[sl],
+            {k: v[sl] for k, v in holdout.covariates.items()},
+            holdout.draws[sl],
+        )
+        for sl in (slice(0, n // 2), slice(n // 2, n))
+    ]
+    whole = evaluate(task, model, holdout)
+    parts = [evaluate(task, model, h) for h in halves]
+    for key in task.statistic_names:
+        if key.startswith("h") or key.startswith(("oracle", "traj", "eff")):
+            assert parts[0][key] + parts[1][key] == pytest.approx(whole[key], rel=1e-5), key
+    assert whole["oracle_points"] == sum(whole[f"h{h}_n"] for h in range(1, 7)) > 0
+
+
+def test_metrics_put_the_oracle_beside_the_twin(setting):
+    cohort, schema, tasks, plain, prepared, model = setting
+    stats = {s: evaluate(tasks[s], model, prepared[s].holdout) for s in SITES}
+    metrics = plain.metrics(stats["site-3"])
+    for h in range(1, 7):
+        assert 0.0 <= metrics[f"coverage90_h{h}"] <= 1.0
+        assert metrics[f"oracle_mae_h{h}"] <= metrics[f"naive_mae_h{h}"]
+        assert metrics[f"rmse_h{h}"] >= metrics[f"mae_h{h}"]
+    assert metrics["noise_floor"] == pytest.approx(1.0 * math.sqrt(2 / math.pi))
+    assert metrics["mae_h1_vs_oracle"] == metrics["mae_h1"] / metrics["oracle_mae_h1"]
+    assert metrics["oracle_mae_h1"] > metrics["noise_floor"]
+    # pooled over sites, the oracle's figures still add up
+    pooled = pool_evaluations(
+        plain,
+        {
+            s: type("E", (), {"statistics": stats[s], "num_examples": 1})()  # minimal evaluation
+            for s in SITES
+        },
+    ).pooled
+    count = stats["site-2"]["h1_n"] + stats["site-3"]["h1_n"]
+    expected = (stats["site-2"]["h1_oracle_abs"] + stats["site-3"]["h1_oracle_abs"]) / count
+    assert pooled["oracle_mae_h1"] == pytest.approx(expected)
+
+
+def test_no_oracle_figures_unless_every_site_had_the_truth(setting):
+    cohort, schema, tasks, plain, prepared, model = setting
+    with_truth = evaluate(tasks["site-2"], model, prepared["site-2"].holdout)
+    without = evaluate(plain, model, prepared["site-3"].holdout)
+    assert without["oracle_points"] == 0 and without["h1_oracle_abs"] == 0
+    assert "oracle_mae_h1" not in plain.metrics(without)
+    mixed = {k: with_truth[k] + without[k] for k in plain.statistic_names}
+    metrics = plain.metrics(mixed)
+    assert "oracle_mae_h1" not in metrics and "noise_floor" not in metrics
+    assert "mae_h1" in metrics and "naive_mae_h1" in metrics
+
+
+def test_evaluation_is_deterministic(setting):
+    _, _, tasks, _, prepared, model = setting
+    a = evaluate(tasks["site-2"], model, prepared["site-2"].holdout)
+    b = evaluate(tasks["site-2"], model, prepared["site-2"].holdout)
+    assert a == b
