@@ -1,8 +1,14 @@
 """The patient twin: a Gaussian next-visit forecast from a patient's baseline and history.
 
-f(b, y_0..y_j, mask, visit, gap, arm) -> (mean, variance) of the next observed visit, an MLP over
-the padded history (reference/twin-model.md). Trained by Gaussian negative log-likelihood;
-rolled forward from baseline for whole trajectories; the control twin is the forecast at arm 0.
+f(b, y_0..y_j, mask, visit, gap, arm, site noise) -> (mean, variance) of a later visit
+(reference/twin-model.md): a random-intercept, random-slope course whose prior is learnt and
+which Bayes' rule updates with the visits seen so far, corrected by an MLP over the padded
+history. Trained by Gaussian negative log-likelihood; rolled forward for whole trajectories
+(sampled paths give intervals beyond one visit); the control twin is the forecast at arm 0.
+
+Evaluated, at the site, by horizon from every observed visit, beside the last observed value
+and, on the synthetic cohort, beside the oracle (twin_core/oracle.py); treatment effects come
+back as sums (twin_core/effects.py).
 """
 
 from __future__ import annotations
@@ -107,8 +113,9 @@ class LinearCourse(nn.Module):
 
 
 class PatientTwinNet(nn.Module):
-    """MLP over baseline covariates, arm, the standardised masked visit history, a summary of
-    that history, and the site's measurement noise (estimated at the site from its own data)."""
+    """A learnt line prior updated by the observed visits (LinearCourse), corrected by an MLP
+    over the baseline covariates, arm, the standardised masked visit history, a summary of that
+    history and the site's measurement noise (estimated at the site from its own data)."""
 
     def __init__(self, n_numeric: int, n_categorical: int, horizon: int, hidden: tuple[int, ...]):
         super().__init__()
@@ -133,7 +140,6 @@ class PatientTwinNet(nn.Module):
         h = (history - self.target_mean) / self.target_std * mask
         visits = torch.arange(self.horizon + 1, dtype=mask.dtype)
         last = (mask * visits).amax(dim=1).long()
-        last_value = h.gather(1, last.unsqueeze(1)).squeeze(1)
         target_onehot = nn.functional.one_hot(target_visit - 1, self.horizon).to(x.dtype)
         gap = (target_visit - last).to(x.dtype) / self.horizon
         summary = history_summary(h, mask, target_visit)
@@ -153,17 +159,12 @@ class PatientTwinNet(nn.Module):
             1,
         )
         out = self.net(z)
-        prior_mean, prior_var = self.course(
-            torch.cat([x, categorical, arm.unsqueeze(1)], 1),
-            h,
-            mask,
-            target_visit,
-            site_noise.squeeze(1),
-        )
+        scale = site_noise.squeeze(1)
+        baseline = torch.cat([x, categorical, arm.unsqueeze(1)], 1)
+        course_mean, course_var = self.course(baseline, h, mask, target_visit, scale)
         # the MLP corrects in units of the site's noise: a correction learnt at noisy sites
         # must not swamp the forecast at a precise one
-        scale = site_noise.squeeze(1)
-        return prior_mean + scale * out[:, 0], torch.log(prior_var).clamp(-8.0, 6.0) + out[:, 1]
+        return course_mean + scale * out[:, 0], torch.log(course_var).clamp(-8.0, 6.0) + out[:, 1]
 
     def forecast(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation in the target's own units."""
