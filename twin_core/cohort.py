@@ -349,6 +349,21 @@ def generate_cohort(config: CohortConfig = CohortConfig()) -> Cohort:
     return Cohort(pd.concat(obs, ignore_index=True), pd.concat(truth, ignore_index=True), summary)
 
 
+def showcase_cohort(summary: dict, patients_per_site: int = 40, seed_offset: int = 1_000_003):
+    """Fresh synthetic patients from a cohort's generator (its sites' profiles and trajectory
+    parameters, another seed): to picture forecasts without using any site's patients."""
+    sites = tuple(
+        SiteProfile(**{**v["profile"], "n_patients": patients_per_site})
+        for v in summary["sites"].values()
+    )
+    config = CohortConfig(
+        seed=int(summary["seed"]) + seed_offset,
+        sites=sites,
+        params=TrajectoryParams(**summary["params"]),
+    )
+    return generate_cohort(config)
+
+
 def write_cohort(cohort: Cohort, out_dir: Path) -> dict[str, Path]:
     """Write site CSVs, truth (own folder), drift manifest and schema; return their paths."""
     out_dir = Path(out_dir)

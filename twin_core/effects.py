@@ -135,4 +135,5 @@ def effect_metrics(stats: Mapping[str, float]) -> dict[str, float]:
         "unadjusted_se": effects.unadjusted.se,
         "variance_ratio": effects.variance_ratio,
         "twin_ate": effects.twin_counterfactual.estimate,
+        "twin_se": effects.twin_counterfactual.se,
     }

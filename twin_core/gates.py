@@ -38,6 +38,23 @@ def allowed_value(champion: float, tolerance: float) -> float:
     return champion + tolerance * max(abs(champion), 1e-12)
 
 
+def coverage_gate(coverage: float | None, bounds: tuple[float, float] | None) -> GateResult:
+    """The twin's 90 % intervals must cover between `bounds` of the observed outcomes: too low
+    is overconfident, too high is uninformative. No bounds: the gate is off."""
+    name = "interval_coverage"
+    if not bounds:
+        facts = {} if coverage is None else {"coverage": coverage}
+        return GateResult(name, True, "no coverage gate configured", facts)
+    low, high = bounds
+    if coverage is None or not math.isfinite(coverage):
+        facts = {"low": low, "high": high}
+        return GateResult(name, False, "no interval coverage was measured", facts)
+    passed = low <= coverage <= high
+    verb = "within" if passed else "outside"
+    detail = f"90 % interval coverage {coverage:.3f} {verb} [{low:g}, {high:g}]"
+    return GateResult(name, passed, detail, {"coverage": coverage, "low": low, "high": high})
+
+
 def regression_gate(
     candidate: float, champion: float | None, tolerance: float, metric: str = "loss"
 ) -> GateResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from twin_core.federation import SiteFailure
@@ -37,8 +38,14 @@ def model_card(
     decision_reasons: Sequence[str] = (),
     review: str = "automatic",
     site_status: Mapping[str, Mapping[str, object]] | None = None,
+    fitness: Mapping | None = None,
 ) -> str:
-    metric_names = sorted({k for m in per_site.values() for k in m} | set(pooled))
+    # per-horizon figures are in the fitness section (and the round's artifacts), not here
+    metric_names = sorted(
+        k
+        for k in {k for m in per_site.values() for k in m} | set(pooled)
+        if not re.search(r"_h\d+$", k) or k == "mae_h1"
+    )
     lines = [
         f"# {model_name}, round {round_key}",
         "",
@@ -89,6 +96,8 @@ def model_card(
             f"| {st.get('drift', '')} |"
             for site, st in sorted(site_status.items())
         ]
+    if fitness:
+        lines += ["", *fitness_section(fitness)]
     if review == "manual":
         verdict = "registered as **challenger**, pending a reviewer's decision (review_job)"
     elif promoted:
@@ -115,3 +124,46 @@ def model_card(
         "- Metrics describe the data the sites hold now; drift at a site can invalidate them.",
     ]
     return "\n".join(lines)
+
+
+def fitness_section(report: Mapping) -> list[str]:
+    """Markdown of a TwinReport.as_dict(): fit for trial simulation?"""
+    lines = [
+        "## Fitness for trial simulation",
+        "",
+        f"90 % prediction intervals cover {report['coverage90']:.3f} of observed visits "
+        "(every horizon, pooled; nominal 0.90).",
+        "",
+        "| horizon | MAE | RMSE | coverage 90 % | last value MAE | oracle MAE | MAE / oracle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["horizons"]:
+        oracle = "" if r["oracle_mae"] is None else _fmt(r["oracle_mae"])
+        ratio = "" if r["vs_oracle"] is None else _fmt(r["vs_oracle"])
+        lines.append(
+            f"| {r['horizon']} | {_fmt(r['mae'])} | {_fmt(r['rmse'])} | {r['coverage90']:.3f} "
+            f"| {_fmt(r['naive_mae'])} | {oracle} | {ratio} |"
+        )
+    lines += [
+        "",
+        "| treatment effect at the last visit | estimate | SE | 95 % CI | truth | bias |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in report["effects"]:
+        low, high = e["ci95"]
+        truth = "" if e["truth"] is None else _fmt(e["truth"])
+        bias = "" if e["bias"] is None else f"{e['bias']:+.3g}"
+        lines.append(
+            f"| {e['method']} | {_fmt(e['estimate'])} | {_fmt(e['se'])} "
+            f"| {_fmt(low)} to {_fmt(high)} | {truth} | {bias} |"
+        )
+    if report.get("variance_ratio") is not None:
+        lines += [
+            "",
+            f"PROCOVA variance ratio {report['variance_ratio']:.3f}: with the twin as prognostic "
+            f"score a trial needs about {report['variance_ratio']:.0%} of the patients for the "
+            "same precision.",
+        ]
+    if not report.get("truth_known"):
+        lines += ["", "No ground truth for these data: bias against the true effect is unknown."]
+    return lines

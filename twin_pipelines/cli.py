@@ -3,6 +3,7 @@
 twin demo [--rounds 3]   cohort -> 5 local site workers -> rounds through Dagster -> MLflow
 twin ui                  site workers + MLflow UI + Dagster UI (dagster dev), until Ctrl-C
 twin cohort OUT          write the synthetic cohort (site files, truth apart, schema)
+twin experiment KIND     heterogeneity | poisoned | twin: re-runnable reports in docs/experiments
 """
 
 from __future__ import annotations
@@ -256,9 +257,14 @@ def cohort(args: argparse.Namespace) -> int:
 def experiment(args: argparse.Namespace) -> int:
     home = TwinHome.from_env()
     _prepare_env(home)
-    from twin_pipelines.experiments import write_report
+    if args.kind == "twin":
+        from twin_pipelines.twin_experiment import write_report as write_twin_report
 
-    path = write_report(args.kind, args.rounds, args.seed, Path(args.out))
+        path = write_twin_report(args.seeds, args.rounds or 15, args.local_epochs, Path(args.out))
+    else:
+        from twin_pipelines.experiments import write_report
+
+        path = write_report(args.kind, args.rounds or 8, args.seed, Path(args.out))
     print(path.read_text())
     print(f"written: {path} and {path.with_suffix('.png')}")
     return 0
@@ -287,10 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--drift", action="append", help="e.g. site-3:covariate_severity:200")
     p.set_defaults(run=cohort)
-    p = sub.add_parser("experiment", help="compare strategies; write a markdown + PNG report")
-    p.add_argument("kind", choices=["heterogeneity", "poisoned"])
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--seed", type=int, default=7)
+    p = sub.add_parser(
+        "experiment",
+        help="write a markdown + PNG report: strategies under heterogeneity or a poisoned "
+        "site, or the twin trained central / federated / local against the oracle",
+    )
+    p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin"])
+    p.add_argument("--rounds", type=int, help="rounds per campaign (8; twin: 15)")
+    p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned: the seed")
+    p.add_argument("--seeds", type=int, default=10, help="twin: seeds 0..N-1")
+    p.add_argument("--local-epochs", type=int, default=2, help="twin: epochs per round")
     p.add_argument("--out", default="docs/experiments")
     p.set_defaults(run=experiment)
     args = parser.parse_args(argv)

@@ -71,6 +71,11 @@ class RoundConfig(dg.Config):
         default=0.02,
         description="relative worsening of pooled loss vs. the champion that still passes",
     )
+    coverage_range: list[float] = Field(
+        default_factory=list,
+        description="patient twin: registration needs the pooled coverage of its 90 % "
+        "intervals (every horizon) within [low, high], e.g. [0.85, 0.95]; empty: no gate",
+    )
 
     def problems(self) -> list[str]:
         """What is wrong with this config, in words (empty if nothing)."""
@@ -104,6 +109,14 @@ class RoundConfig(dg.Config):
             out.append(f"unknown promotion {self.promotion!r} (choose automatic or manual)")
         if not self.max_update_norm > 0 or self.regression_tolerance < 0:
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
+        if self.coverage_range and not (
+            len(self.coverage_range) == 2
+            and 0 <= self.coverage_range[0] < self.coverage_range[1] <= 1
+        ):
+            out.append(
+                f"coverage_range must be [low, high] with 0 <= low < high <= 1, "
+                f"got {self.coverage_range}"
+            )
         return out
 
     def strategy_params(self) -> dict:

@@ -8,6 +8,8 @@ Resources come from the environment, with the embedded default under TWIN_HOME (
   TWIN_DRIFT_SHARE    share of a site's columns whose drift starts retraining (default 0.5)
   TWIN_SITE_DRIFT_SHARE  per-site overrides, "site-1=0.75,site-3=0.5"
   TWIN_PERFORMANCE_TOLERANCE  relative worsening of the champion at a site that does (0.10)
+  TWIN_TRUTH          a synthetic cohort's truth/summary.json, read by evaluation only
+                      (default .twin/cohort/truth/summary.json if present; "" for none)
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from twin_pipelines.assets import ROUND_ASSETS
 from twin_pipelines.assets.monitoring import MONITORING_ASSETS
 from twin_pipelines.home import TwinHome
 from twin_pipelines.jobs import fl_campaign_job, fl_round_job, monitoring_job, review_job
-from twin_pipelines.resources import DriftPolicy, Fleet, GrpcFleet, MlflowRegistry, RoundStore
+from twin_pipelines.resources import (
+    CohortTruth,
+    DriftPolicy,
+    Fleet,
+    GrpcFleet,
+    MlflowRegistry,
+    RoundStore,
+)
 from twin_pipelines.resources.policy import parse_site_thresholds
 from twin_pipelines.schedules import improvement_schedule, monitoring_schedule
 from twin_pipelines.sensors import campaign_sensor, drift_sensor
@@ -33,6 +42,7 @@ def build_definitions(
     store: RoundStore,
     registry: MlflowRegistry,
     drift_policy: DriftPolicy | None = None,
+    truth: CohortTruth | None = None,
 ) -> dg.Definitions:
     return dg.Definitions(
         assets=ROUND_ASSETS + MONITORING_ASSETS,
@@ -44,6 +54,7 @@ def build_definitions(
             "store": store,
             "registry": registry,
             "drift_policy": drift_policy or DriftPolicy(),
+            "truth": truth or CohortTruth(),
         },
     )
 
@@ -67,6 +78,9 @@ def resources_from_env(env: Mapping[str, str] | None = None) -> dict:
             drift_share=float(env.get("TWIN_DRIFT_SHARE", "0.5")),
             site_drift_share=parse_site_thresholds(env.get("TWIN_SITE_DRIFT_SHARE", "")),
             performance_tolerance=float(env.get("TWIN_PERFORMANCE_TOLERANCE", "0.10")),
+        ),
+        "truth": CohortTruth(
+            path=env.get("TWIN_TRUTH", str(home.cohort / "truth" / "summary.json"))
         ),
     }
 

@@ -235,3 +235,75 @@ def performance_metadata(doc: dict, failures: list[SiteFailure]) -> dict:
         ),
         "unreachable": len(failures),
     }
+
+
+def twin_metadata(report, figures: dict[str, str]) -> dict:
+    """The twin's fitness for trial simulation: headline numbers (charted across rounds),
+    horizon and effect tables, per-site error against the oracle, and inline figures."""
+    horizons = table(
+        [
+            ("horizon", "int"),
+            ("mae", "float"),
+            ("rmse", "float"),
+            ("coverage90", "float"),
+            ("naive_mae", "float"),
+            ("oracle_mae", "float"),
+            ("oracle_coverage90", "float"),
+            ("mae_vs_oracle", "float"),
+        ],
+        [
+            {
+                "horizon": r.horizon,
+                "mae": r.mae,
+                "rmse": r.rmse,
+                "coverage90": r.coverage90,
+                "naive_mae": r.naive_mae,
+                "oracle_mae": r.oracle_mae,
+                "oracle_coverage90": r.oracle_coverage90,
+                "mae_vs_oracle": r.vs_oracle,
+            }
+            for r in report.horizons
+        ],
+    )
+    effect_rows = [
+        {
+            "scope": scope,
+            "method": e.method,
+            "estimate": e.estimate,
+            "se": e.se,
+            "ci95_low": e.ci95[0],
+            "ci95_high": e.ci95[1],
+            "truth": e.truth,
+            "bias": e.bias,
+            "covers_truth": "" if e.covers_truth is None else str(e.covers_truth).lower(),
+        }
+        for scope, effects in [("pooled", report.effects), *sorted(report.site_effects.items())]
+        for e in effects
+    ]
+    effects = table(
+        [
+            ("scope", "string"),
+            ("method", "string"),
+            ("estimate", "float"),
+            ("se", "float"),
+            ("ci95_low", "float"),
+            ("ci95_high", "float"),
+            ("truth", "float"),
+            ("bias", "float"),
+            ("covers_truth", "string"),
+        ],
+        effect_rows,
+    )
+    out: dict = {
+        **{k: dg.MetadataValue.float(v) for k, v in report.headline().items()},
+        "horizons": horizons,
+        "treatment_effects": effects,
+        "ground_truth": "synthetic cohort truth (evaluation only)"
+        if report.truth_known
+        else "none (no bias against truth)",
+    }
+    if report.site_vs_oracle:
+        out["site_mae_h1_vs_oracle"] = dg.MetadataValue.json(report.site_vs_oracle)
+    for name, markdown in figures.items():
+        out[name] = dg.MetadataValue.md(markdown)
+    return out

@@ -8,7 +8,7 @@ import dagster as dg
 import pytest
 
 from twin_pipelines.definitions import build_definitions
-from twin_pipelines.resources import MlflowRegistry, RoundStore
+from twin_pipelines.resources import CohortTruth, MlflowRegistry, RoundStore
 
 
 @dataclass
@@ -45,13 +45,19 @@ def round_env(tmp_path: Path, mlflow_uri, request):
     uri, artifacts = mlflow_uri
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:60]
 
-    def build(fleet, store_root: Path | None = None, name_suffix: str = "") -> RoundEnv:
+    def build(
+        fleet, store_root: Path | None = None, name_suffix: str = "", truth: str = ""
+    ) -> RoundEnv:
         store = RoundStore(root=str(store_root or tmp_path / "rounds"))
         registry = MlflowRegistry(
             tracking_uri=uri, artifact_root=str(artifacts), model_name=name + name_suffix
         )
         return RoundEnv(
-            build_definitions(fleet=fleet, store=store, registry=registry), store, registry
+            build_definitions(
+                fleet=fleet, store=store, registry=registry, truth=CohortTruth(path=truth)
+            ),
+            store,
+            registry,
         )
 
     return build

@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import SITES
 from twin_pipelines.campaign import run_round
 from twin_pipelines.config import RoundConfig
+from twin_pipelines.experiments import SignFlipSite
 from twin_pipelines.resources import InProcessFleet
 
 
@@ -95,8 +96,11 @@ def test_automatic_policy_records_its_verdict(handlers, round_env, instance):
     assert env.alias("champion") == "1"
     # a candidate that passes the gates (a lenient regression tolerance) but is worse than the
     # champion: registered as challenger, the champion stays, the reasons say why
-    worse = RoundConfig(min_sites=3, optimizer="sgd", learning_rate=0.3, regression_tolerance=0.9)
-    second = run_round(env.defs, instance, worse)
+    # (one site sends its change reversed and tripled; FedAvg takes it in)
+    flipped = dict(handlers, **{SITES[-1]: SignFlipSite(handlers[SITES[-1]], scale=-3.0)})
+    same_registry = round_env(InProcessFleet(flipped))
+    worse = RoundConfig(min_sites=3, regression_tolerance=1e9, max_update_norm=1e9)
+    second = run_round(same_registry.defs, instance, worse)
     assert second.success, second.error
     assert second.pooled["loss"] > first.pooled["loss"]
     v2 = _version(env, "2")

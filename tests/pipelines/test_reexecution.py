@@ -56,6 +56,6 @@ def test_reexecution_from_failure_reuses_persisted_updates(tmp_path: Path, monke
         ) as second:
             assert second.success
             ran = {e.step_key for e in second.all_events if e.is_step_success}
-            assert ran == {"round_evaluation", "registered_model"}
+            assert ran == {"round_evaluation", "twin_evaluation", "registered_model"}
         for site in ("site-1", "site-2"):
             assert _train_entries(workers.sites[site].state_dir, "r0001") == 1

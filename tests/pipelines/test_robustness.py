@@ -1,5 +1,5 @@
 """Expected outcomes on the default cohort (small configuration): with one poisoned site,
-robust strategies stay near the clean run while FedAvg does not."""
+trimmed mean, multi-Krum and update screening stay near the clean run while FedAvg does not."""
 
 from __future__ import annotations
 
@@ -19,15 +19,14 @@ def handlers(request):
     return {s: make(s) for s in FIVE}
 
 
-def _loss(round_env, instance, fleet, name: str, **settings) -> float:
+def _loss(round_env, instance, fleet, name: str, rounds: int = 3, **settings) -> float:
+    """Pooled loss after `rounds` rounds (the attack compounds: each round starts from the
+    last candidate)."""
     env = round_env(InProcessFleet(fleet), name_suffix=name)
-    result = run_round(
-        env.defs,
-        instance,
-        RoundConfig(min_sites=3, max_update_norm=1e9, **settings),
-        round_key=f"r-{name}",
-    )
-    assert result.success, result.error
+    config = RoundConfig(min_sites=3, max_update_norm=1e9, regression_tolerance=1e9, **settings)
+    for index in range(1, rounds + 1):
+        result = run_round(env.defs, instance, config, round_key=f"r-{name}-{index}")
+        assert result.success, result.error
     return result.pooled["loss"]
 
 
@@ -45,6 +44,11 @@ def test_robust_strategies_resist_a_poisoned_site(handlers, round_env, instance,
         ),
         "screened": _loss(round_env, instance, poisoned, "screened", screen_updates=True),
     }
-    assert fedavg > 1.10 * clean, (clean, fedavg)
-    for name, loss in robust.items():
-        assert abs(loss - clean) <= 0.10 * abs(clean), (name, clean, loss)
+    # three rounds: FedAvg's model is wrecked, the attack compounding from round to round
+    assert fedavg > 2.0 * clean, (clean, fedavg)
+    for name in ("trimmed", "krum", "screened"):
+        assert abs(robust[name] - clean) <= 0.10 * abs(clean), (name, clean, robust[name])
+    # the coordinate median bounds each round's damage by the honest sites' spread, but on
+    # five very unequal sites that bias accumulates (docs/experiments/poisoned.md): far
+    # better than FedAvg, worse than trimming or Krum
+    assert robust["median"] < 0.1 * fedavg, (robust["median"], fedavg)

@@ -193,6 +193,15 @@ def site_noise_sd(y: np.ndarray) -> float:
     return float(math.sqrt(rss / (kk - 2).sum()))
 
 
+def _noise(y: np.ndarray) -> float:
+    """The site's noise estimate; with too few repeated visits to tell, the spread of y."""
+    noise = site_noise_sd(y)
+    if math.isfinite(noise) and noise > 0:
+        return noise
+    finite = y[np.isfinite(y)]
+    return float(finite.std()) if finite.size > 1 and finite.std() > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class TwinHoldout:
     """Holdout patients: next-visit examples plus whole trajectories for forecasts."""
@@ -295,23 +304,10 @@ class PatientTwinTask:
         held = split_units(p["ids"], holdout_fraction, split_seed)
         train = {k: v[~held] for k, v in p.items()}
         hold = {k: v[held] for k, v in p.items()}
-        noise = site_noise_sd(train["y"])
-        if not math.isfinite(noise):  # too few repeated visits to tell: the site's spread
-            finite = train["y"][np.isfinite(train["y"])]
-            noise = float(finite.std()) if finite.size > 1 else 1.0
+        noise = _noise(train["y"])
         train_set = TensorDataset(*self._next_visit_examples(train, noise))
-        hold_examples = self._next_visit_examples(hold, noise)
-        f32 = torch.float32
-        holdout = TwinHoldout(
-            hold_examples,
-            torch.tensor(hold["numeric"], dtype=f32),
-            torch.tensor(hold["categorical"], dtype=f32),
-            torch.tensor(hold["arm"], dtype=f32),
-            torch.full((len(hold["ids"]),), noise, dtype=f32),
-            torch.tensor(hold["y"], dtype=torch.float64),
-            {k[4:]: v for k, v in hold.items() if k.startswith("raw:")},
-            patient_draws(hold["ids"], self.horizon + 1),
-        )
+        holdout = self._holdout(hold, noise)
+        hold_examples = holdout.next_visit
         moments = tuple(
             column_moments(f.name, train["numeric"][:, i])
             for i, f in enumerate(self.schema.numeric_features)
@@ -325,6 +321,40 @@ class PatientTwinTask:
             holdout_examples=len(hold_examples[-1]),
             moments=moments,
         )
+
+    def _holdout(self, p: dict[str, np.ndarray], noise: float) -> TwinHoldout:
+        f32 = torch.float32
+        return TwinHoldout(
+            self._next_visit_examples(p, noise),
+            torch.tensor(p["numeric"], dtype=f32),
+            torch.tensor(p["categorical"], dtype=f32),
+            torch.tensor(p["arm"], dtype=f32),
+            torch.full((len(p["ids"]),), noise, dtype=f32),
+            torch.tensor(p["y"], dtype=torch.float64),
+            {k[4:]: v for k, v in p.items() if k.startswith("raw:")},
+            patient_draws(p["ids"], self.horizon + 1),
+        )
+
+    def baseline_forecasts(self, model: PatientTwinNet, frame: pd.DataFrame) -> dict:
+        """Every patient of `frame` forecast from baseline alone (for pictures, e.g. of
+        synthetic patients): ids, observed values, the mean path and its 90 % band."""
+        p = self._patients(frame)
+        holdout = self._holdout(p, _noise(p["y"]))
+        everyone = torch.arange(len(p["ids"]))
+        model.eval()
+        with torch.no_grad():
+            mean, sampled = self._paths(model, holdout, everyone, 0, holdout.arm, SAMPLES)
+        centre, spread = sampled.mean(0), sampled.std(0)
+        low, high = centre - _T_SAMPLES * spread, centre + _T_SAMPLES * spread
+        low[:, 0] = high[:, 0] = mean[:, 0]
+        return {
+            "ids": p["ids"],
+            "arm": p["arm"],
+            "observed": p["y"],
+            "mean": mean.numpy(),
+            "low": low.numpy(),
+            "high": high.numpy(),
+        }
 
     # -- model ---------------------------------------------------------------------------
     def build_model(self, moments: Mapping[str, ColumnMoments], seed: int) -> PatientTwinNet:
@@ -492,16 +522,19 @@ class PatientTwinTask:
             "rmse": math.sqrt(statistics["sum_sq"] / n),
             "coverage90": statistics["n_covered90"] / n,
         }
-        points = 0.0
+        points = covered = 0.0
         for h in range(1, self.horizon + 1):
             count = statistics.get(f"h{h}_n", 0.0)
             if not count:
                 continue
             points += count
+            covered += statistics[f"h{h}_cov"]
             out[f"mae_h{h}"] = statistics[f"h{h}_abs"] / count
             out[f"rmse_h{h}"] = math.sqrt(statistics[f"h{h}_sq"] / count)
             out[f"coverage90_h{h}"] = statistics[f"h{h}_cov"] / count
             out[f"naive_mae_h{h}"] = statistics[f"h{h}_naive_abs"] / count
+        if points:
+            out["coverage90_all"] = covered / points  # 90 % intervals, every horizon
         # the oracle's figures only where every point had one (all sites hold the truth)
         if points and statistics.get("oracle_points", 0.0) == points:
             for h in range(1, self.horizon + 1):

@@ -55,6 +55,27 @@ def governance_tags(decision, manual: bool, site_tolerance: float) -> dict[str, 
     }
 
 
+def fitness_tags(twin_evaluation: dict) -> dict[str, str]:
+    """The twin's fitness for trial simulation, as version tags a reviewer can filter on."""
+    if not twin_evaluation.get("applicable"):
+        return {}
+    report = twin_evaluation["report"]
+    tags = {"twin.coverage90": f"{report['coverage90']:.4f}"}
+    rows = report["horizons"]
+    if rows and rows[0].get("vs_oracle") is not None:
+        tags["twin.mae_h1_vs_oracle"] = f"{rows[0]['vs_oracle']:.4f}"
+    for effect in report["effects"]:
+        if effect["method"] in ("procova", "twin"):
+            low, high = effect["ci95"]
+            name = f"twin.{effect['method']}_ate"
+            tags[name] = f"{effect['estimate']:.4f} (95% CI {low:.4f} to {high:.4f})"
+            if effect["bias"] is not None:
+                tags[f"{name}_bias_vs_truth"] = f"{effect['bias']:+.4f}"
+    if report.get("variance_ratio") is not None:
+        tags["twin.procova_variance_ratio"] = f"{report['variance_ratio']:.4f}"
+    return tags
+
+
 @dg.asset(partitions_def=fl_round, group_name="fl_round", kinds={"mlflow"})
 def registered_model(
     context: dg.AssetExecutionContext,
@@ -62,6 +83,7 @@ def registered_model(
     site_updates: RoundUpdates,
     global_model: Candidate,
     round_evaluation: RoundEvaluation,
+    twin_evaluation: dict,
     store: RoundStore,
     registry: MlflowRegistry,
 ) -> dg.Output[dict]:
@@ -117,8 +139,10 @@ def registered_model(
         "twin.weights_sha256": global_model.sha256,
         "twin.started_from": round_plan.start_round or "seeded initialisation",
         "twin.code_version": code_version(),
+        **fitness_tags(twin_evaluation),
         **governance_tags(decision, manual, config.site_regression_tolerance),
     }
+    fitness = twin_evaluation.get("headline", {})
     registered = registry.register_round(
         round_key=key,
         step=round_number(key),
@@ -142,6 +166,7 @@ def registered_model(
                 for k, v in u.metrics.items()
             },
             "examples_total": float(site_updates.total_examples),
+            **{f"twin/{k}": v for k, v in fitness.items()},
         },
         run_tags={"twin.round": key, "twin.dagster_run_id": context.run_id},
         version_tags=lineage,
@@ -149,7 +174,13 @@ def registered_model(
             "round_plan.json": json.loads(json.dumps(asdict(round_plan), default=str)),
             "round_evaluation.json": asdict(round_evaluation),
             "site_updates.json": asdict(site_updates),
+            **(
+                {"twin_evaluation.json": twin_evaluation["report"]}
+                if twin_evaluation.get("applicable")
+                else {}
+            ),
         },
+        files=dict.fromkeys(twin_evaluation.get("figures", {}).values(), "twin"),
         description=model_card(
             model_name=registry.model_name,
             task=task.name,
@@ -166,6 +197,7 @@ def registered_model(
             decision_reasons=decision.reasons,
             review="manual" if manual else "automatic",
             site_status=round_plan.site_status,
+            fitness=twin_evaluation.get("report"),
         ),
         promote=promote,
     )

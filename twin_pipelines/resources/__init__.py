@@ -4,5 +4,14 @@ from twin_pipelines.resources.fleet import Fleet, GrpcFleet, InProcessFleet
 from twin_pipelines.resources.policy import DriftPolicy
 from twin_pipelines.resources.registry import MlflowRegistry
 from twin_pipelines.resources.store import RoundStore
+from twin_pipelines.resources.truth import CohortTruth
 
-__all__ = ["DriftPolicy", "Fleet", "GrpcFleet", "InProcessFleet", "MlflowRegistry", "RoundStore"]
+__all__ = [
+    "CohortTruth",
+    "DriftPolicy",
+    "Fleet",
+    "GrpcFleet",
+    "InProcessFleet",
+    "MlflowRegistry",
+    "RoundStore",
+]

@@ -157,6 +157,7 @@ class MlflowRegistry(dg.ConfigurableResource):
         artifacts: dict[str, dict],
         description: str,
         promote: bool,
+        files: dict[str, str] | None = None,  # local path -> artifact folder
     ) -> RegisteredVersion:
         """Log the round as an MLflow run, register its model, set the aliases."""
         import mlflow
@@ -180,6 +181,8 @@ class MlflowRegistry(dg.ConfigurableResource):
             )
             for name, doc in artifacts.items():
                 mlflow.log_dict(doc, name)
+            for path, folder in (files or {}).items():
+                mlflow.log_artifact(path, artifact_path=folder)
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
