@@ -292,7 +292,7 @@ def _cat_holdouts(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
         torch.cat([a.numeric, b.numeric]),
         torch.cat([a.categorical, b.categorical]),
         torch.cat([a.arm, b.arm]),
-        torch.cat([a.noise, b.noise]),
+        torch.cat([a.context, b.context]),
         torch.cat([a.trajectory, b.trajectory]),
         {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
         torch.cat([a.draws, b.draws]),

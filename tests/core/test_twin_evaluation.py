@@ -18,6 +18,7 @@ from twin_core.tasks.patient_twin import (
     SAMPLES,
     TwinHoldout,
     patient_draws,
+    site_context,
     site_noise_sd,
 )
 from twin_core.training import evaluate, train_local
@@ -50,7 +51,7 @@ def test_course_layer_is_bayes_rule_by_hand(setting):
     """With the MLP's output at zero, the twin's forecast is the posterior predictive of its
     learnt line prior, which conditioning the joint normal of the visits reproduces."""
     _, _, _, plain, prepared, model = setting
-    model = type(model)(2, 2, 6, (64, 64))
+    model = type(model)(2, 2, 6, (64, 64))  # a copy, its MLP silenced
     model.load_state_dict(setting[-1].state_dict())
     with torch.no_grad():
         model.net[-1].weight.zero_()
@@ -58,16 +59,17 @@ def test_course_layer_is_bayes_rule_by_hand(setting):
     *inputs, _y = (t[:40] for t in prepared["site-2"].holdout.next_visit)
     with torch.no_grad():
         mean_s, log_var_s = model(*inputs)
-    numeric, categorical, arm, history, mask, target, noise = inputs
+    numeric, categorical, arm, history, mask, target, context = inputs
     course = model.course
     x = torch.nan_to_num((numeric - model.numeric_mean) / model.numeric_std)
     with torch.no_grad():
-        mu = course.prior_mean(torch.cat([x, categorical, arm.unsqueeze(1)], 1)).double()
+        site = model.standardise_context(context)
+        mu = course.prior_mean(torch.cat([x, categorical, arm.unsqueeze(1), site], 1)).double()
         sd = torch.exp(course.log_sd).double()
         r = float(torch.tanh(course.correlation)[0]) * 0.99
     prior = np.array([[sd[0] ** 2, r * sd[0] * sd[1]], [r * sd[0] * sd[1], sd[1] ** 2]])
     h = ((history - model.target_mean) / model.target_std).double().numpy()
-    sigma2 = (noise / model.target_std).double().numpy() ** 2
+    sigma2 = (context[:, 0] / model.target_std).double().numpy() ** 2
     for i in range(len(target)):
         seen = np.nonzero(mask[i].numpy())[0]
         times = np.r_[seen, target[i].item()] / 6.0
@@ -92,6 +94,24 @@ def test_site_noise_is_the_spread_around_each_patients_line():
     assert math.isnan(site_noise_sd(y[:, :2]))  # nobody with three visits
 
 
+def test_site_context_is_noise_level_and_slope():
+    rng = np.random.default_rng(1)
+    t = np.arange(7.0)
+    y = rng.normal(20, 3, (800, 1)) + rng.normal(1.5, 0.3, (800, 1)) * t
+    y = y + rng.normal(0, 0.5, y.shape)
+    gone = rng.random(y.shape) < 0.3
+    gone[:, 0] = False  # the baseline is always observed
+    y[gone] = np.nan
+    noise, level, slope = site_context(y)
+    assert noise == pytest.approx(0.5, rel=0.06)
+    assert level == pytest.approx(float(y[:, 0].mean()))
+    assert slope == pytest.approx(1.5, abs=0.05)
+    # one visit per patient: no slope, the spread of y stands in for the noise
+    single = np.full((5, 7), np.nan)
+    single[:, 0] = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert site_context(single) == (pytest.approx(np.std([1, 2, 3, 4, 5])), 3.0, 0.0)
+
+
 def test_draws_are_fixed_per_patient():
     a = patient_draws(np.array(["p1", "p2", "p3"]), 7)
     b = patient_draws(np.array(["p3", "p1"]), 7)
@@ -106,7 +126,7 @@ def _concat(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
         torch.cat([a.numeric, b.numeric]),
         torch.cat([a.categorical, b.categorical]),
         torch.cat([a.arm, b.arm]),
-        torch.cat([a.noise, b.noise]),
+        torch.cat([a.context, b.context]),
         torch.cat([a.trajectory, b.trajectory]),
         {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
         torch.cat([a.draws, b.draws]),
@@ -121,7 +141,7 @@ def test_statistics_add_up_across_sites_with_the_oracle(setting):
     halves = [
         TwinHoldout(
             tuple(t for t in holdout.next_visit),
-            *(t[sl] for t in (holdout.numeric, holdout.categorical, holdout.arm, holdout.noise)),
+            *(t[sl] for t in (holdout.numeric, holdout.categorical, holdout.arm, holdout.context)),
             holdout.trajectory[sl],
             {k: v[sl] for k, v in holdout.covariates.items()},
             holdout.draws[sl],

@@ -124,16 +124,18 @@ class PatientTwinNet(nn.Module):
         self.register_buffer("numeric_std", torch.ones(n_numeric))
         self.register_buffer("target_mean", torch.zeros(1))
         self.register_buffer("target_std", torch.ones(1))
-        width = n_numeric + n_categorical + 1 + 2 * (horizon + 1) + horizon + 1 + N_SUMMARY + 1
+        width = (
+            n_numeric + n_categorical + 1 + 2 * (horizon + 1) + horizon + 1 + N_SUMMARY + N_CONTEXT
+        )
         layers: list[nn.Module] = []
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)
-        self.course = LinearCourse(n_numeric + n_categorical + 1, horizon)
+        self.course = LinearCourse(n_numeric + n_categorical + 1 + N_CONTEXT, horizon)
 
-    def forward(self, numeric, categorical, arm, history, mask, target_visit, noise):
+    def forward(self, numeric, categorical, arm, history, mask, target_visit, context):
         """Standardised (mean, log-variance) of the visit `target_visit` (1..horizon)."""
         # a missing covariate (NaN) sits at the federation mean: 0 once standardised
         x = torch.nan_to_num((numeric - self.numeric_mean) / self.numeric_std, nan=0.0)
@@ -143,7 +145,7 @@ class PatientTwinNet(nn.Module):
         target_onehot = nn.functional.one_hot(target_visit - 1, self.horizon).to(x.dtype)
         gap = (target_visit - last).to(x.dtype) / self.horizon
         summary = history_summary(h, mask, target_visit)
-        site_noise = (noise / self.target_std).unsqueeze(1)
+        site = self.standardise_context(context)
         z = torch.cat(
             [
                 x,
@@ -154,17 +156,29 @@ class PatientTwinNet(nn.Module):
                 target_onehot,
                 gap.unsqueeze(1),
                 summary,
-                site_noise,
+                site,
             ],
             1,
         )
         out = self.net(z)
-        scale = site_noise.squeeze(1)
-        baseline = torch.cat([x, categorical, arm.unsqueeze(1)], 1)
+        scale = site[:, 0]
+        baseline = torch.cat([x, categorical, arm.unsqueeze(1), site], 1)
         course_mean, course_var = self.course(baseline, h, mask, target_visit, scale)
         # the MLP corrects in units of the site's noise: a correction learnt at noisy sites
         # must not swamp the forecast at a precise one
         return course_mean + scale * out[:, 0], torch.log(course_var).clamp(-8.0, 6.0) + out[:, 1]
+
+    def standardise_context(self, context: torch.Tensor) -> torch.Tensor:
+        """The site's noise, baseline level and slope per visit, in standardised units."""
+        std = self.target_std
+        return torch.stack(
+            [
+                context[:, 0] / std,
+                (context[:, 1] - self.target_mean) / std,
+                context[:, 2] * self.horizon / std,
+            ],
+            1,
+        )
 
     def forecast(self, *inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation in the target's own units."""
@@ -193,13 +207,36 @@ def site_noise_sd(y: np.ndarray) -> float:
     return float(math.sqrt(rss / (kk - 2).sum()))
 
 
-def _noise(y: np.ndarray) -> float:
-    """The site's noise estimate; with too few repeated visits to tell, the spread of y."""
-    noise = site_noise_sd(y)
-    if math.isfinite(noise) and noise > 0:
-        return noise
+N_CONTEXT = 3  # what a site knows of itself: noise, mean baseline level, mean slope
+
+
+def site_context(y: np.ndarray) -> tuple[float, float, float]:
+    """A site's context, from its own training patients (it never leaves the site): its
+    measurement noise (site_noise_sd; with too few repeated visits, the spread of y), its mean
+    baseline value and its patients' mean least-squares slope per visit. A site's case mix and
+    calibration shift every patient's course; these let the twin's prior move with them, as a
+    site effect in a mixed model would."""
     finite = y[np.isfinite(y)]
-    return float(finite.std()) if finite.size > 1 and finite.std() > 0 else 1.0
+    noise = site_noise_sd(y)
+    if not (math.isfinite(noise) and noise > 0):
+        noise = float(finite.std()) if finite.size > 1 and finite.std() > 0 else 1.0
+    base = y[:, 0][np.isfinite(y[:, 0])] if y.size else np.zeros(0)
+    level = float(base.mean()) if base.size else (float(finite.mean()) if finite.size else 0.0)
+    return noise, level, _mean_slope(y)
+
+
+def _mean_slope(y: np.ndarray) -> float:
+    observed = np.isfinite(y)
+    k = observed.sum(1)
+    rows = k >= 2
+    if not rows.any():
+        return 0.0
+    t = np.broadcast_to(np.arange(y.shape[1], dtype=np.float64), y.shape)[rows]
+    m, v = observed[rows], np.nan_to_num(y[rows])
+    kk = k[rows].astype(np.float64)
+    dt = (t - ((m * t).sum(1) / kk)[:, None]) * m
+    y_bar = (m * v).sum(1) / kk
+    return float(((dt * (v - y_bar[:, None])).sum(1) / (dt * dt).sum(1)).mean())
 
 
 @dataclass(frozen=True)
@@ -210,7 +247,7 @@ class TwinHoldout:
     numeric: torch.Tensor
     categorical: torch.Tensor
     arm: torch.Tensor
-    noise: torch.Tensor  # the site's noise estimate, per patient
+    context: torch.Tensor  # (patients, N_CONTEXT): the site's context (site_context)
     trajectory: torch.Tensor  # (patients, horizon + 1), NaN where unobserved
     covariates: dict[str, np.ndarray]  # raw baseline covariates by name (for the oracle)
     draws: torch.Tensor  # (patients, SAMPLES, horizon + 1) standard normals, fixed per patient
@@ -276,7 +313,7 @@ class PatientTwinTask:
         return out
 
     def _next_visit_examples(
-        self, p: dict[str, np.ndarray], noise: float
+        self, p: dict[str, np.ndarray], context: tuple[float, ...]
     ) -> tuple[torch.Tensor, ...]:
         y = p["y"]
         observed = np.isfinite(y)
@@ -293,7 +330,7 @@ class PatientTwinTask:
             torch.tensor(history, dtype=f32),
             torch.tensor(mask, dtype=f32),
             torch.tensor(targets, dtype=torch.long),
-            torch.full((len(rows),), noise, dtype=f32),
+            torch.tensor([context], dtype=f32).repeat(len(rows), 1),
             torch.tensor(y[rows, targets], dtype=f32),
         )
 
@@ -304,9 +341,9 @@ class PatientTwinTask:
         held = split_units(p["ids"], holdout_fraction, split_seed)
         train = {k: v[~held] for k, v in p.items()}
         hold = {k: v[held] for k, v in p.items()}
-        noise = _noise(train["y"])
-        train_set = TensorDataset(*self._next_visit_examples(train, noise))
-        holdout = self._holdout(hold, noise)
+        context = site_context(train["y"])
+        train_set = TensorDataset(*self._next_visit_examples(train, context))
+        holdout = self._holdout(hold, context)
         hold_examples = holdout.next_visit
         moments = tuple(
             column_moments(f.name, train["numeric"][:, i])
@@ -322,14 +359,14 @@ class PatientTwinTask:
             moments=moments,
         )
 
-    def _holdout(self, p: dict[str, np.ndarray], noise: float) -> TwinHoldout:
+    def _holdout(self, p: dict[str, np.ndarray], context: tuple[float, ...]) -> TwinHoldout:
         f32 = torch.float32
         return TwinHoldout(
-            self._next_visit_examples(p, noise),
+            self._next_visit_examples(p, context),
             torch.tensor(p["numeric"], dtype=f32),
             torch.tensor(p["categorical"], dtype=f32),
             torch.tensor(p["arm"], dtype=f32),
-            torch.full((len(p["ids"]),), noise, dtype=f32),
+            torch.tensor([context], dtype=f32).repeat(len(p["ids"]), 1),
             torch.tensor(p["y"], dtype=torch.float64),
             {k[4:]: v for k, v in p.items() if k.startswith("raw:")},
             patient_draws(p["ids"], self.horizon + 1),
@@ -339,7 +376,7 @@ class PatientTwinTask:
         """Every patient of `frame` forecast from baseline alone (for pictures, e.g. of
         synthetic patients): ids, observed values, the mean path and its 90 % band."""
         p = self._patients(frame)
-        holdout = self._holdout(p, _noise(p["y"]))
+        holdout = self._holdout(p, site_context(p["y"]))
         everyone = torch.arange(len(p["ids"]))
         model.eval()
         with torch.no_grad():
@@ -406,16 +443,16 @@ class PatientTwinTask:
         history = torch.where(observed, y, 0.0).float().repeat(1 + samples, 1)
         mask = observed.float().repeat(1 + samples, 1)
         block = lambda t: t[rows].repeat(1 + samples, *([1] * (t.dim() - 1)))  # noqa: E731
-        numeric, categorical, noise = (
+        numeric, categorical, context = (
             block(holdout.numeric),
             block(holdout.categorical),
-            block(holdout.noise),
+            block(holdout.context),
         )
         arm = arm[rows].repeat(1 + samples)
         draws = holdout.draws[rows, :samples].transpose(0, 1).reshape(samples * n, width)
         for visit in range(origin + 1, width):
             target = torch.full((len(arm),), visit, dtype=torch.long)
-            mean, sd = model.forecast(numeric, categorical, arm, history, mask, target, noise)
+            mean, sd = model.forecast(numeric, categorical, arm, history, mask, target, context)
             draw = mean[n:] + sd[n:] * draws[:, visit]
             history[:, visit] = torch.cat([mean[:n], draw])
             mask[:, visit] = 1.0
@@ -482,7 +519,7 @@ class PatientTwinTask:
             torch.where(observed, y, 0.0).float(),
             observed.float(),
             torch.full((len(rows),), visit, dtype=torch.long),
-            holdout.noise[rows],
+            holdout.context[rows],
         )
 
     def _oracle(self, holdout: TwinHoldout, rows, observed, visit: int):
