@@ -20,6 +20,11 @@ import numpy as np
 
 Z975 = 1.959963984540054  # normal quantile for 95 % intervals (n is in the hundreds here)
 
+# A site with fewer patients than this sends zeros for the effect sums: a sum of outcomes over
+# one or two patients would give their values away (a minimum cell size, as in federated
+# analysis systems). Its patients then simply do not count in the pooled effect.
+MIN_PATIENTS = 5
+
 EFFECT_STATISTICS = (
     "eff_n",
     "eff_a",
@@ -39,7 +44,8 @@ EFFECT_STATISTICS = (
 def effect_statistics(
     arm: np.ndarray, prognosis: np.ndarray, outcome: np.ndarray, counterfactual: np.ndarray
 ) -> dict[str, float]:
-    """Sums over a site's patients with an observed outcome (site side).
+    """Sums over a site's patients with an observed outcome (site side); all zeros below
+    MIN_PATIENTS patients.
 
     arm: 0/1; prognosis: the control-twin forecast m of the outcome; outcome: y;
     counterfactual: the twin's forecast under treatment minus under control.
@@ -47,6 +53,8 @@ def effect_statistics(
     a, m, y, d = (
         np.asarray(v, dtype=np.float64) for v in (arm, prognosis, outcome, counterfactual)
     )
+    if a.size < MIN_PATIENTS:
+        return dict.fromkeys(EFFECT_STATISTICS, 0.0)
     return {
         "eff_n": float(a.size),
         "eff_a": float(a.sum()),

@@ -64,12 +64,14 @@ _COLUMNS = (
     "sites",
     "failed",
     "pooled loss",
-    "pooled MAE",
+    "MAE h1",
+    "x oracle",
     "cover90",
+    "PROCOVA ATE",
     "seconds",
     "registered",
 )
-_ROW = "{:<7}{:>6}{:>8}{:>13}{:>12}{:>9}{:>9}  {}"
+_ROW = "{:<7}{:>6}{:>7}{:>12}{:>8}{:>9}{:>8}{:>16}{:>8}  {}"
 
 
 def _round_row(r, seconds: float) -> str:
@@ -82,15 +84,39 @@ def _round_row(r, seconds: float) -> str:
         label = f"{reg['model_name']} v{reg['version']} ({role})"
     else:
         label = f"nothing: {r.error}"
+    effect = (
+        f"{r.pooled['procova_ate']:.2f} +- {r.pooled['procova_se']:.2f}"
+        if "procova_ate" in r.pooled
+        else "-"
+    )
     return _ROW.format(
         r.round_key,
         len(r.sites),
         len(r.failed_sites),
         num("loss"),
-        num("mae"),
-        num("coverage90", 3),
+        num("mae_h1", 3),
+        num("mae_h1_vs_oracle", 3),
+        num("coverage90_all", 3),
+        effect,
         f"{seconds:.2f}",
         label,
+    )
+
+
+def _fitness_line(r, home: TwinHome) -> str:
+    """The last round's twin, read for trial simulation (truth from the cohort's summary)."""
+    import json
+
+    p = r.pooled
+    truth = json.loads((home.cohort / "truth" / "summary.json").read_text())["pooled"]
+    low = p["procova_ate"] - 1.959963984540054 * p["procova_se"]
+    high = p["procova_ate"] + 1.959963984540054 * p["procova_se"]
+    vs_oracle = f" = {p['mae_h1_vs_oracle']:.3f} x the oracle" if "mae_h1_vs_oracle" in p else ""
+    return (
+        f"Twin fitness ({r.round_key}): one-visit-ahead MAE {p['mae_h1']:.3f}{vs_oracle}; "
+        f"90 % intervals cover {p['coverage90_all']:.3f}; PROCOVA ATE {p['procova_ate']:.2f} "
+        f"(95 % CI {low:.2f} to {high:.2f}; truth {truth['true_ate']:.2f}), variance ratio "
+        f"{p['variance_ratio']:.2f}.\n  Figures: {home.rounds / r.round_key / 'twin'}/*.png"
     )
 
 
@@ -123,7 +149,7 @@ def demo(args: argparse.Namespace) -> int:
         config = RoundConfig(
             seed=args.seed, local_epochs=args.local_epochs, min_sites=args.min_sites
         )
-        print("\n" + _ROW.format(*_COLUMNS) + "\n" + "-" * 96)
+        print("\n" + _ROW.format(*_COLUMNS) + "\n" + "-" * 112)
         clock = [time.perf_counter()]
 
         def report(r: RoundResult) -> None:
@@ -140,6 +166,8 @@ def demo(args: argparse.Namespace) -> int:
     if len(losses) >= 2:
         trend = "fell" if losses[-1] < losses[0] else "did not fall"
         print(f"\nPooled validation loss {trend}: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if results and results[-1].success and "procova_ate" in results[-1].pooled:
+        print(_fitness_line(results[-1], home))
     print(f"Done in {time.perf_counter() - started:.1f} s.\n")
     print("Where to look next:")
     print(
@@ -149,7 +177,7 @@ def demo(args: argparse.Namespace) -> int:
         f"                 MLflow UI  {MLFLOW_URL} (Models -> patient-twin: versions, model cards)"
     )
     print(f"  {home.rounds}   plans, persisted updates and candidates per round")
-    print(f"  {home.cohort}   the synthetic cohort (truth/ is never read by training)")
+    print(f"  {home.cohort}   the synthetic cohort (truth/ is read by evaluation, never training)")
     return 0 if ok else 1
 
 

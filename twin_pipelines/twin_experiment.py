@@ -123,7 +123,12 @@ def local(handlers: dict, seed: int, epochs: int) -> dict[str, dict[str, float]]
 
 
 def federated(
-    handlers: dict, seed: int, rounds: int, local_epochs: int, workdir: Path
+    handlers: dict,
+    seed: int,
+    rounds: int,
+    local_epochs: int,
+    workdir: Path,
+    settings: Mapping | None = None,
 ) -> tuple[dict[str, dict[str, float]], int]:
     """Rounds through the real pipeline; the twin is the last candidate that passed its gates
     (the one the registry holds), evaluated at every site."""
@@ -143,7 +148,7 @@ def federated(
         model_name=f"twin-seed-{seed}",
     )
     defs = build_definitions(fleet=InProcessFleet(handlers), store=store, registry=registry)
-    config = RoundConfig(local_epochs=local_epochs, seed=seed, **PLAIN)
+    config = RoundConfig(local_epochs=local_epochs, seed=seed, **{**PLAIN, **(settings or {})})
     passed = 0
     with dg.DagsterInstance.ephemeral() as instance:
         for _ in range(rounds):

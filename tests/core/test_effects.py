@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twin_core.effects import effect_statistics, treatment_effects
+from twin_core.effects import (
+    EFFECT_STATISTICS,
+    MIN_PATIENTS,
+    effect_statistics,
+    treatment_effects,
+)
 
 
 def _trial(n: int, effect: float, rng: np.random.Generator, noise: float = 1.0):
@@ -54,5 +59,19 @@ def test_a_prognostic_twin_shrinks_the_variance_and_intervals_cover_the_truth():
 
 
 def test_too_few_patients_is_a_clear_error():
+    five = effect_statistics([0, 1, 0, 1, 0], [1.0, 2, 3, 4, 5], [1.0, 2, 3, 4, 6], [0.0] * 5)
     with pytest.raises(ValueError, match="too few"):
-        treatment_effects(effect_statistics([0, 1], [1.0, 2.0], [1.0, 2.0], [0.0, 0.0]))
+        treatment_effects({**five, "eff_n": 3.0})  # as if pooled from three patients
+
+
+def test_a_site_with_fewer_patients_than_the_minimum_sends_nothing():
+    """Sums of outcomes over one or two patients would give their values away."""
+    few = effect_statistics([0, 1], [1.0, 2.0], [11.5, 9.25], [-1.0, -1.0])
+    assert set(few.values()) == {0.0} and len(few) == len(EFFECT_STATISTICS)
+    enough = effect_statistics(*_trial(MIN_PATIENTS, -2.4, np.random.default_rng(3)))
+    assert enough["eff_n"] == MIN_PATIENTS and enough["eff_yy"] > 0
+    # a suppressed site just does not count in the pooled sums
+    rng = np.random.default_rng(4)
+    big = _trial(200, -2.4, rng)
+    pooled = {k: v + few[k] for k, v in effect_statistics(*big).items()}
+    assert treatment_effects(pooled).procova == treatment_effects(effect_statistics(*big)).procova

@@ -26,15 +26,22 @@ def test_demo_trains_registers_and_the_loss_falls(tmp_path: Path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     rows = re.findall(
-        r"^(r\d{4})\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+\s+(.*)$",
+        r"^(r\d{4})\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+        r"(-?[\d.]+) \+- ([\d.]+)\s+[\d.]+\s+(.*)$",
         out.stdout,
         flags=re.MULTILINE,
     )
-    assert [r[0] for r in rows] == ["r0001", "r0002", "r0003"]
+    assert [r[0] for r in rows] == ["r0001", "r0002", "r0003"], out.stdout
     assert all(r[1] == "5" and r[2] == "0" for r in rows)  # five sites, none failed
     losses = [float(r[3]) for r in rows]
     assert losses[2] < losses[0]
-    assert [r[6] for r in rows] == [f"patient-twin v{i} (champion)" for i in (1, 2, 3)]
+    # the workers hold the cohort's truth (--truth): the oracle stands beside the twin
+    assert all(1.0 < float(r[5]) < 1.3 for r in rows), rows
+    assert all(0.8 < float(r[6]) < 1.0 for r in rows)  # 90 % intervals, every horizon
+    assert [r[9] for r in rows] == [f"patient-twin v{i} (champion)" for i in (1, 2, 3)]
+    assert "Twin fitness (r0003)" in out.stdout and "truth -2.40" in out.stdout
+    figures = tmp_path / "home" / "rounds" / "r0003" / "twin"
+    assert {p.name for p in figures.iterdir()} == {"horizons.png", "trajectories.png"}
     assert "Pooled validation loss fell" in out.stdout
     home = tmp_path / "home"
     assert sorted(p.name for p in (home / "cohort" / "sites").iterdir()) == [
