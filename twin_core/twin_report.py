@@ -18,6 +18,8 @@ from twin_core.effects import Z975
 
 @dataclass(frozen=True)
 class HorizonRow:
+    """Forecasts h visits ahead of every observed visit (and, baseline_*, of baseline only)."""
+
     horizon: int
     mae: float
     rmse: float
@@ -25,6 +27,9 @@ class HorizonRow:
     naive_mae: float
     oracle_mae: float | None = None
     oracle_coverage90: float | None = None
+    baseline_mae: float | None = None  # from baseline alone: the visit h
+    baseline_rmse: float | None = None
+    oracle_baseline_mae: float | None = None
 
     @property
     def vs_oracle(self) -> float | None:
@@ -118,6 +123,9 @@ def horizon_rows(metrics: Mapping[str, float], horizon: int) -> tuple[HorizonRow
             metrics[f"naive_mae_h{h}"],
             metrics.get(f"oracle_mae_h{h}"),
             metrics.get(f"oracle_coverage90_h{h}"),
+            metrics.get(f"baseline_mae_h{h}"),
+            metrics.get(f"baseline_rmse_h{h}"),
+            metrics.get(f"oracle_baseline_mae_h{h}"),
         )
         for h in range(1, horizon + 1)
         if f"mae_h{h}" in metrics

@@ -288,7 +288,7 @@ def experiment(args: argparse.Namespace) -> int:
     if args.kind == "twin":
         from twin_pipelines.twin_experiment import write_report as write_twin_report
 
-        path = write_twin_report(args.seeds, args.rounds or 15, args.local_epochs, Path(args.out))
+        path = write_twin_report(args.seeds, args.rounds or 8, args.local_epochs, Path(args.out))
     else:
         from twin_pipelines.experiments import write_report
 
@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         "site, or the twin trained central / federated / local against the oracle",
     )
     p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin"])
-    p.add_argument("--rounds", type=int, help="rounds per campaign (8; twin: 15)")
+    p.add_argument("--rounds", type=int, help="rounds per campaign (default 8)")
     p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned: the seed")
-    p.add_argument("--seeds", type=int, default=10, help="twin: seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=20, help="twin: seeds 0..N-1")
     p.add_argument("--local-epochs", type=int, default=2, help="twin: epochs per round")
     p.add_argument("--out", default="docs/experiments")
     p.set_defaults(run=experiment)

@@ -30,6 +30,12 @@ def horizon_figure(report: TwinReport, path: Path, title: str = "") -> Path:
     if all(r.oracle_mae is not None for r in rows):
         left.plot(h, [r.oracle_mae for r in rows], marker="s", ls="--", label="oracle")
     left.plot(h, [r.naive_mae for r in rows], marker=".", ls=":", label="last value")
+    if all(r.baseline_mae is not None for r in rows):
+        left.plot(h, [r.baseline_mae for r in rows], marker="^", label="twin, from baseline")
+    if all(r.oracle_baseline_mae is not None for r in rows):
+        left.plot(
+            h, [r.oracle_baseline_mae for r in rows], ls="--", marker="v", label="oracle, baseline"
+        )
     if report.noise_floor:
         left.axhline(report.noise_floor, color="grey", lw=0.8, label="noise floor")
     left.set_xlabel("horizon (visits ahead)")

@@ -250,6 +250,8 @@ def twin_metadata(report, figures: dict[str, str]) -> dict:
             ("oracle_mae", "float"),
             ("oracle_coverage90", "float"),
             ("mae_vs_oracle", "float"),
+            ("baseline_mae", "float"),
+            ("oracle_baseline_mae", "float"),
         ],
         [
             {
@@ -261,6 +263,8 @@ def twin_metadata(report, figures: dict[str, str]) -> dict:
                 "oracle_mae": r.oracle_mae,
                 "oracle_coverage90": r.oracle_coverage90,
                 "mae_vs_oracle": r.vs_oracle,
+                "baseline_mae": r.baseline_mae,
+                "oracle_baseline_mae": r.oracle_baseline_mae,
             }
             for r in report.horizons
         ],

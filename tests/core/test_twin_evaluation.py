@@ -151,7 +151,7 @@ def test_statistics_add_up_across_sites_with_the_oracle(setting):
     whole = evaluate(task, model, holdout)
     parts = [evaluate(task, model, h) for h in halves]
     for key in task.statistic_names:
-        if key.startswith("h") or key.startswith(("oracle", "traj", "eff")):
+        if key.startswith(("h", "b", "oracle", "traj", "eff")):
             assert parts[0][key] + parts[1][key] == pytest.approx(whole[key], rel=1e-5), key
     assert whole["oracle_points"] == sum(whole[f"h{h}_n"] for h in range(1, 7)) > 0
 

@@ -288,7 +288,12 @@ class PatientTwinTask:
         self.statistic_names = (
             ("n", "sum_nll", "sum_abs", "sum_sq", "n_covered90")
             + tuple(f"h{h}_{k}" for h in range(1, self.horizon + 1) for k in per_horizon)
-            + ("oracle_points", "oracle_floor", "traj_n", "traj_abs", "traj_abs2")
+            + tuple(
+                f"b{h}_{k}"  # from baseline alone (origin 0)
+                for h in range(1, self.horizon + 1)
+                for k in ("n", "abs", "sq", "oracle_abs")
+            )
+            + ("oracle_points", "oracle_floor", "traj_abs2")
             + EFFECT_STATISTICS
         )
 
@@ -503,9 +508,12 @@ class PatientTwinTask:
                     oracle_points += float(seen.sum())
                     if h == 1:
                         _add(out, "oracle_floor", self.oracle.noise_floor * float(seen.sum()))
-                if origin == 0:  # the trajectory from baseline alone: what monitoring watches
-                    _add(out, "traj_n", float(seen.sum()))
-                    _add(out, "traj_abs", float(err.abs().sum()))
+                    if origin == 0:
+                        _add(out, f"b{h}_oracle_abs", float(np.abs(o_err).sum()))
+                if origin == 0:  # the trajectory from baseline alone (monitoring watches it)
+                    _add(out, f"b{h}_n", float(seen.sum()))
+                    _add(out, f"b{h}_abs", float(err.abs().sum()))
+                    _add(out, f"b{h}_sq", float((err**2).sum()))
                     _add(out, "traj_abs2", float((err**2).sum()))
         out["oracle_points"] = oracle_points
         return out
@@ -570,6 +578,11 @@ class PatientTwinTask:
             out[f"rmse_h{h}"] = math.sqrt(statistics[f"h{h}_sq"] / count)
             out[f"coverage90_h{h}"] = statistics[f"h{h}_cov"] / count
             out[f"naive_mae_h{h}"] = statistics[f"h{h}_naive_abs"] / count
+        for h in range(1, self.horizon + 1):
+            count = statistics.get(f"b{h}_n", 0.0)
+            if count:
+                out[f"baseline_mae_h{h}"] = statistics[f"b{h}_abs"] / count
+                out[f"baseline_rmse_h{h}"] = math.sqrt(statistics[f"b{h}_sq"] / count)
         if points:
             out["coverage90_all"] = covered / points  # 90 % intervals, every horizon
         # the oracle's figures only where every point had one (all sites hold the truth)
@@ -580,13 +593,17 @@ class PatientTwinTask:
                     out[f"oracle_mae_h{h}"] = statistics[f"h{h}_oracle_abs"] / count
                     out[f"oracle_rmse_h{h}"] = math.sqrt(statistics[f"h{h}_oracle_sq"] / count)
                     out[f"oracle_coverage90_h{h}"] = statistics[f"h{h}_oracle_cov"] / count
+                base = statistics.get(f"b{h}_n", 0.0)
+                if base:
+                    out[f"oracle_baseline_mae_h{h}"] = statistics[f"b{h}_oracle_abs"] / base
             if statistics.get("h1_n", 0.0):
                 out["noise_floor"] = statistics["oracle_floor"] / statistics["h1_n"]
                 out["mae_h1_vs_oracle"] = out["mae_h1"] / out["oracle_mae_h1"]
         out.update(effect_metrics(statistics))
-        count = statistics.get("traj_n", 0.0)
-        if count:
-            mean_abs = statistics["traj_abs"] / count  # forecast from baseline, all horizons
+        horizons = range(1, self.horizon + 1)
+        count = sum(statistics.get(f"b{h}_n", 0.0) for h in horizons)
+        if count:  # the forecast from baseline, every visit
+            mean_abs = sum(statistics[f"b{h}_abs"] for h in horizons) / count
             out["trajectory_mae"] = mean_abs
             # standard error of that mean (errors of one patient's horizons taken as independent)
             variance = max(statistics["traj_abs2"] / count - mean_abs**2, 0.0)
