@@ -9,9 +9,11 @@ from twin_core.federation import SiteFailure
 
 _FORECASTS = {
     "patient_twin": (
-        "A patient twin: a Gaussian forecast (mean and variance) of a patient's next-visit outcome "
-        "from baseline covariates, treatment arm and the observed visit history; rolled forward "
-        "from baseline it gives a whole trajectory, and at arm 0 the control twin."
+        "A patient twin: a Gaussian forecast (mean and variance) of a patient's later visits "
+        "from baseline covariates, treatment arm and the observed visit history (a learnt "
+        "random-intercept, random-slope course updated by Bayes' rule, corrected by an MLP); "
+        "rolled forward from baseline it gives a whole trajectory, and at arm 0 the control "
+        "twin, the prognostic score of PROCOVA."
     ),
     "tabular": "A tabular model: the declared target from the declared feature columns.",
 }
