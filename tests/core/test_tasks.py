@@ -286,19 +286,6 @@ def test_load_weights_into_round_trip(twin_task, twin_moments):
     assert _same_weights(weights_of(target), weights_of(source))
 
 
-def _cat_holdouts(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
-    return TwinHoldout(
-        tuple(torch.cat([x, y]) for x, y in zip(a.next_visit, b.next_visit, strict=True)),
-        torch.cat([a.numeric, b.numeric]),
-        torch.cat([a.categorical, b.categorical]),
-        torch.cat([a.arm, b.arm]),
-        torch.cat([a.context, b.context]),
-        torch.cat([a.trajectory, b.trajectory]),
-        {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
-        torch.cat([a.draws, b.draws]),
-    )
-
-
 @pytest.fixture(scope="module")
 def trained_twin(twin_task, twin_moments, twin_prepared):
     model, *_ = _train(
@@ -313,7 +300,9 @@ def test_twin_statistics_are_additive(twin_task, trained_twin, twin_prepared):
         assert set(stats[s]) == set(twin_task.statistic_names)
         assert stats[s]["n"] == twin_prepared[s].holdout_examples
     summed = {k: stats["site-1"][k] + stats["site-2"][k] for k in twin_task.statistic_names}
-    pooled_holdout = _cat_holdouts(twin_prepared["site-1"].holdout, twin_prepared["site-2"].holdout)
+    pooled_holdout = TwinHoldout.concat(
+        twin_prepared["site-1"].holdout, twin_prepared["site-2"].holdout
+    )
     pooled = evaluate(twin_task, trained_twin, pooled_holdout)
     for k in twin_task.statistic_names:
         assert summed[k] == pytest.approx(pooled[k], rel=1e-5, abs=1e-6), k

@@ -120,19 +120,6 @@ def test_draws_are_fixed_per_patient():
     assert not torch.equal(a[0], a[1])
 
 
-def _concat(a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
-    return TwinHoldout(
-        tuple(torch.cat([x, y]) for x, y in zip(a.next_visit, b.next_visit, strict=True)),
-        torch.cat([a.numeric, b.numeric]),
-        torch.cat([a.categorical, b.categorical]),
-        torch.cat([a.arm, b.arm]),
-        torch.cat([a.context, b.context]),
-        torch.cat([a.trajectory, b.trajectory]),
-        {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
-        torch.cat([a.draws, b.draws]),
-    )
-
-
 def test_statistics_add_up_across_sites_with_the_oracle(setting):
     cohort, schema, tasks, plain, prepared, model = setting
     # one site's oracle on both halves of that site's holdout: sums add exactly

@@ -252,6 +252,19 @@ class TwinHoldout:
     covariates: dict[str, np.ndarray]  # raw baseline covariates by name (for the oracle)
     draws: torch.Tensor  # (patients, SAMPLES, horizon + 1) standard normals, fixed per patient
 
+    @classmethod
+    def concat(cls, a: TwinHoldout, b: TwinHoldout) -> TwinHoldout:
+        """Two holdouts as one (e.g. two sites' patients pooled, to check that sums add up)."""
+        return cls(
+            tuple(torch.cat([x, y]) for x, y in zip(a.next_visit, b.next_visit, strict=True)),
+            *(
+                torch.cat([getattr(a, name), getattr(b, name)])
+                for name in ("numeric", "categorical", "arm", "context", "trajectory")
+            ),
+            {k: np.concatenate([a.covariates[k], b.covariates[k]]) for k in a.covariates},
+            torch.cat([a.draws, b.draws]),
+        )
+
 
 def patient_draws(ids: np.ndarray, width: int) -> torch.Tensor:
     """Standard normal draws for each patient's sampled paths, seeded by the patient's id: a
