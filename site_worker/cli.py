@@ -41,6 +41,9 @@ class SiteSettings:
     drift_share: float = 0.5
     share_drift_report: bool = False
     truth: Path | None = None
+    tls_dir: Path | None = None
+    insecure: bool = False
+    allow_peer: tuple[str, ...] = ("orchestrator",)
 
     def check(self) -> None:
         if self.synthetic == bool(self.data):
@@ -53,6 +56,11 @@ class SiteSettings:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if self.torch_threads < 1:
             raise ValueError("--torch-threads must be >= 1")
+        if bool(self.tls_dir) == self.insecure:
+            raise ValueError(
+                "give --tls-dir DIR (production: mutual TLS with the federation's certificates) "
+                "or --insecure (local/dev only: plaintext, anyone on the network can call)"
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +100,22 @@ def _parser() -> argparse.ArgumentParser:
         help="allow the full Evidently HTML report to leave the site",
     )
     p.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="the federation PKI folder (twin pki): serve mutual TLS with sites/<site-id>.pem",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="local/dev mode: plaintext gRPC, no client authentication",
+    )
+    p.add_argument(
+        "--allow-peer",
+        action="append",
+        help="certificate name allowed to call (default: orchestrator); repeatable",
+    )
+    p.add_argument(
         "--truth",
         type=Path,
         help="synthetic cohort only: its truth/summary.json; evaluation then reports the "
@@ -117,12 +141,14 @@ def settings_from_args(argv: list[str] | None = None) -> SiteSettings:
     for key in ("site_id", "state_dir"):
         if not values.get(key):
             raise ValueError(f"--{key.replace('_', '-')} is required")
-    for key in ("state_dir", "data", "schema", "ready_file", "truth"):
+    for key in ("state_dir", "data", "schema", "ready_file", "truth", "tls_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     values["drift"] = tuple(values.get("drift") or ())
     values["synthetic"] = bool(values.get("synthetic"))
     values["share_drift_report"] = bool(values.get("share_drift_report"))
+    values["insecure"] = bool(values.get("insecure"))
+    values["allow_peer"] = tuple(values.get("allow_peer") or ("orchestrator",))
     settings = SiteSettings(**values)
     settings.check()
     return settings
@@ -156,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"site_worker: configuration error: {exc}", file=sys.stderr)
         return 2
+    tls = None
+    if settings.tls_dir is not None:
+        from twin_wire.pki import PkiError, load
+
+        try:
+            tls = load(settings.tls_dir, settings.site_id)
+        except PkiError as exc:
+            print(f"site_worker: configuration error: {exc}", file=sys.stderr)
+            return 2
     # Before torch is imported: one thread per worker, or 10 workers on 2 cores thrash.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(settings.torch_threads))
@@ -211,11 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         info.holdout_examples,
     )
     try:
-        server = SiteServer({settings.site_id: handler}, settings.host, settings.port)
+        server = SiteServer(
+            {settings.site_id: handler},
+            settings.host,
+            settings.port,
+            tls=tls,
+            allowed_peers=frozenset(settings.allow_peer),
+        )
     except (OSError, RuntimeError) as exc:
         print(
             f"site_worker: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr
         )
         return 2
+    mode = "mutual TLS" if tls else "INSECURE (local/dev mode)"
+    log.info("site %s: %s, answering %s", settings.site_id, mode, ", ".join(settings.allow_peer))
     serve(server, grace=settings.grace_seconds, ready_file=settings.ready_file)
     return 0

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from site_worker.handler import SiteHandler
 from site_worker.servicer import SiteServicer
+from twin_wire.pki import ORCHESTRATOR, Credentials
 from twin_wire.v1 import site_pb2, site_pb2_grpc
 
 log = logging.getLogger("site_worker")
@@ -33,16 +34,34 @@ class SiteServer:
     """A running site worker: `port` is the bound port (useful when asked for port 0)."""
 
     def __init__(
-        self, handlers: Mapping[str, SiteHandler], host: str, port: int, max_workers: int = 8
+        self,
+        handlers: Mapping[str, SiteHandler],
+        host: str,
+        port: int,
+        max_workers: int = 8,
+        tls: Credentials | None = None,
+        allowed_peers: frozenset[str] = frozenset({ORCHESTRATOR}),
     ):
+        """`tls`: the site's certificate, key and the federation CA; the server then speaks
+        only mutual TLS and answers only `allowed_peers`. None: insecure (local/dev mode)."""
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
             options=SERVER_OPTIONS,
         )
-        site_pb2_grpc.add_SiteServiceServicer_to_server(SiteServicer(handlers), self.server)
+        servicer = SiteServicer(handlers, allowed_peers if tls is not None else None)
+        site_pb2_grpc.add_SiteServiceServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.secure = tls is not None
+        if tls is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key_pem, tls.cert_pem)],
+                root_certificates=tls.ca_pem,
+                require_client_auth=True,
+            )
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.sites = sorted(handlers)

@@ -20,10 +20,28 @@ log = logging.getLogger("site_worker")
 class SiteServicer(site_pb2_grpc.SiteServiceServicer):
     """Serves one or more sites (a hospital, or many virtual sites in a simulation)."""
 
-    def __init__(self, handlers: Mapping[str, SiteHandler]) -> None:
+    def __init__(
+        self, handlers: Mapping[str, SiteHandler], allowed_peers: frozenset[str] | None = None
+    ) -> None:
         self.handlers = dict(handlers)
+        # with mutual TLS: the identities (certificate names) allowed to call; None in dev mode
+        self.allowed_peers = allowed_peers
+
+    def _authorise(self, context: grpc.ServicerContext) -> None:
+        """mTLS proves only that the federation's CA issued the caller's certificate; the
+        caller must also be the orchestrator (its certificate's name on the allow-list)."""
+        if self.allowed_peers is None:
+            return
+        names = {n.decode(errors="replace") for n in (context.peer_identities() or ())}
+        if not names & self.allowed_peers:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {sorted(names) or 'without a certificate'} is not allowed: "
+                f"this site answers only {sorted(self.allowed_peers)}",
+            )
 
     def _handler(self, site_id: str, context: grpc.ServicerContext) -> SiteHandler:
+        self._authorise(context)
         handler = self.handlers.get(site_id)
         if handler is None:
             context.abort(

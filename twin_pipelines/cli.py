@@ -4,6 +4,7 @@ twin demo [--rounds 3]   cohort -> 5 local site workers -> rounds through Dagste
 twin ui                  site workers + MLflow UI + Dagster UI (dagster dev), until Ctrl-C
 twin cohort OUT          write the synthetic cohort (site files, truth apart, schema)
 twin experiment KIND     heterogeneity | poisoned | twin: re-runnable reports in docs/experiments
+twin pki init DIR [SITE...] / twin pki add-site DIR SITE   the federation's certificates
 """
 
 from __future__ import annotations
@@ -50,13 +51,47 @@ def _ensure_cohort(home: TwinHome, seed: int) -> Path:
     return home.cohort
 
 
-def _launches(home: TwinHome, seed: int, n_sites: int):
+def _security(home: TwinHome, tls: bool, site_ids: list[str]) -> Path | None:
+    """Production mode (mutual TLS): a PKI under TWIN_HOME/pki with a certificate for every
+    site (created, or completed, as needed). Otherwise local/dev mode, said out loud."""
+    if not tls:
+        os.environ.pop("TWIN_TLS_DIR", None)
+        os.environ["TWIN_INSECURE"] = "1"
+        return None
+    from twin_wire import pki
+
+    if not (home.pki / "ca.pem").exists():
+        pki.init(home.pki)
+    for site in site_ids:
+        if not (home.pki / "sites" / f"{site}.pem").exists():
+            pki.add_site(home.pki, site)
+    os.environ["TWIN_TLS_DIR"] = str(home.pki)
+    os.environ.pop("TWIN_INSECURE", None)
+    return home.pki
+
+
+def _mode_line(tls_dir: Path | None) -> str:
+    if tls_dir is None:
+        return (
+            "Mode: local/dev (insecure localhost gRPC channels, no client authentication; "
+            "--tls for mutual TLS). No patient row leaves a site worker."
+        )
+    return (
+        f"Mode: production (mutual TLS; federation CA and certificates in {tls_dir}). "
+        "No patient row leaves a site worker."
+    )
+
+
+def _launches(home: TwinHome, seed: int, n_sites: int, tls_dir: Path | None = None):
     from twin_pipelines.local_fleet import SiteLaunch
 
     cohort = _ensure_cohort(home, seed)
     files = sorted((cohort / "sites").glob("*.csv"))[:n_sites]
     truth = cohort / "truth" / "summary.json"
-    return [SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml", truth=truth) for f in files]
+    return [
+        SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml", truth=truth, tls_dir=tls_dir)
+        for f in files
+    ]
 
 
 _COLUMNS = (
@@ -134,17 +169,23 @@ def demo(args: argparse.Namespace) -> int:
     from twin_pipelines.resources import GrpcFleet
 
     print(f"Twin Pipelines demo: embedded default under {home.root}")
-    print("Mode: local/dev (insecure localhost gRPC channels; no patient row leaves a site worker)")
+    site_ids = [f"site-{i}" for i in range(1, args.sites + 1)]
+    tls_dir = _security(home, args.tls, site_ids)
+    print(_mode_line(tls_dir))
     started = time.perf_counter()
     with LocalFleet(home.sites_dir) as fleet:
-        endpoints = fleet.start(_launches(home, args.seed, args.sites))
+        endpoints = fleet.start(_launches(home, args.seed, args.sites, tls_dir))
         fleet.write_sites_file(home.sites_file)
         print(
             f"Started {len(endpoints)} site workers ({time.perf_counter() - started:.1f} s): "
             + ", ".join(f"{s}@{a}" for s, a in endpoints.items())
         )
         resources = resources_from_env()
-        resources["fleet"] = GrpcFleet(endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()))
+        resources["fleet"] = GrpcFleet(
+            endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()),
+            tls_dir=str(tls_dir or ""),
+            insecure=tls_dir is None,
+        )
         defs = build_definitions(**resources)
         config = RoundConfig(
             seed=args.seed, local_epochs=args.local_epochs, min_sites=args.min_sites
@@ -209,8 +250,10 @@ def ui(args: argparse.Namespace) -> int:
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     workspace = _workspace_dir()
     children: list[subprocess.Popen] = []
+    tls_dir = _security(home, args.tls, [f"site-{i}" for i in range(1, args.sites + 1)])
+    print(_mode_line(tls_dir))
     with LocalFleet(home.sites_dir) as fleet:
-        endpoints = fleet.start(_launches(home, args.seed, args.sites))
+        endpoints = fleet.start(_launches(home, args.seed, args.sites, tls_dir))
         os.environ["TWIN_SITES_FILE"] = str(fleet.write_sites_file(home.sites_file))
         print("Site workers: " + ", ".join(f"{s}@{a}" for s, a in endpoints.items()))
         bin_dir = Path(sys.executable).parent
@@ -288,13 +331,34 @@ def experiment(args: argparse.Namespace) -> int:
     if args.kind == "twin":
         from twin_pipelines.twin_experiment import write_report as write_twin_report
 
-        path = write_twin_report(args.seeds, args.rounds or 8, args.local_epochs, Path(args.out))
+        path = write_twin_report(args.seeds, args.rounds or 15, args.local_epochs, Path(args.out))
     else:
         from twin_pipelines.experiments import write_report
 
         path = write_report(args.kind, args.rounds or 8, args.seed, Path(args.out))
     print(path.read_text())
     print(f"written: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def pki_command(args: argparse.Namespace) -> int:
+    from twin_wire import pki
+
+    try:
+        if args.action == "init":
+            written = pki.init(Path(args.folder), list(args.sites))
+        else:
+            if not args.sites:
+                print("twin pki add-site: name at least one site id", file=sys.stderr)
+                return 2
+            written = {s: pki.add_site(Path(args.folder), s) for s in args.sites}
+    except pki.PkiError as exc:
+        print(f"twin pki: {exc}", file=sys.stderr)
+        return 2
+    for name, path in written.items():
+        print(f"{name:<14} {path}")
+    if args.action == "init":
+        print(f"Keep {Path(args.folder) / 'ca.key'} offline; give each site only its own key.")
     return 0
 
 
@@ -308,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--min-sites", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="delete TWIN_HOME first")
+    p.add_argument(
+        "--tls", action="store_true", help="production mode: mutual TLS (PKI in TWIN_HOME/pki)"
+    )
     p.add_argument("--log-level", default="WARNING", help="Dagster console log level")
     p.set_defaults(run=demo)
     p = sub.add_parser("ui", help="start site workers, the MLflow UI and the Dagster UI")
@@ -315,7 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--dagster-port", type=int, default=3000)
     p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--tls", action="store_true", help="production mode: mutual TLS")
     p.set_defaults(run=ui)
+    p = sub.add_parser("pki", help="the federation's certificates (mutual TLS)")
+    p.add_argument("action", choices=["init", "add-site"])
+    p.add_argument("folder", help="where the CA and certificates live")
+    p.add_argument("sites", nargs="*", help="site ids (init: optional; add-site: one or more)")
+    p.set_defaults(run=pki_command)
     p = sub.add_parser("cohort", help="write the synthetic multi-site cohort")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=7)
@@ -327,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         "site, or the twin trained central / federated / local against the oracle",
     )
     p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin"])
-    p.add_argument("--rounds", type=int, help="rounds per campaign (default 8)")
+    p.add_argument("--rounds", type=int, help="rounds per campaign (default 8; twin: 15)")
     p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned: the seed")
     p.add_argument("--seeds", type=int, default=20, help="twin: seeds 0..N-1")
     p.add_argument("--local-epochs", type=int, default=2, help="twin: epochs per round")

@@ -8,6 +8,8 @@ Resources come from the environment, with the embedded default under TWIN_HOME (
   TWIN_DRIFT_SHARE    share of a site's columns whose drift starts retraining (default 0.5)
   TWIN_SITE_DRIFT_SHARE  per-site overrides, "site-1=0.75,site-3=0.5"
   TWIN_PERFORMANCE_TOLERANCE  relative worsening of the champion at a site that does (0.10)
+  TWIN_TLS_DIR        the federation's PKI folder (twin pki init): mutual TLS to every site
+  TWIN_INSECURE       1: plaintext channels, local/dev mode only (the demo's default)
   TWIN_TRUTH          a synthetic cohort's truth/summary.json, read by evaluation only
                       (default .twin/cohort/truth/summary.json if present; "" for none)
 """
@@ -66,6 +68,8 @@ def resources_from_env(env: Mapping[str, str] | None = None) -> dict:
         "fleet": GrpcFleet(
             endpoints=env.get("TWIN_SITES", ""),
             sites_file=env.get("TWIN_SITES_FILE", str(home.sites_file)),
+            tls_dir=env.get("TWIN_TLS_DIR", ""),
+            insecure=env.get("TWIN_INSECURE", "").lower() in ("1", "true", "yes"),
         ),
         "store": RoundStore(root=str(home.rounds)),
         "registry": MlflowRegistry(

@@ -8,6 +8,7 @@
   cohort/             the synthetic demo cohort (site files, truth kept apart)
   sites/<site-id>/    each local site worker's state and log
   sites.yaml          the local fleet: site ids and their addresses
+  pki/                with --tls: the federation CA and every party's certificate
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class TwinHome:
     @property
     def sites_dir(self) -> Path:
         return self.root / "sites"
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
 
     @property
     def sites_file(self) -> Path:

@@ -33,6 +33,7 @@ class SiteLaunch:
     synthetic: bool = False
     cohort_seed: int = 7
     truth: Path | None = None  # the synthetic cohort's truth summary, for evaluation only
+    tls_dir: Path | None = None  # the federation PKI folder; None: local/dev (insecure)
     extra_args: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
@@ -43,6 +44,7 @@ class SiteLaunch:
             out += ["--data", str(self.data), "--schema", str(self.schema)]
         if self.truth is not None:
             out += ["--truth", str(self.truth)]
+        out += ["--tls-dir", str(self.tls_dir)] if self.tls_dir else ["--insecure"]
         return out + list(self.extra_args)
 
 
@@ -53,6 +55,7 @@ class LocalSite:
     state_dir: Path
     log_path: Path
     port: int = 0
+    tls_dir: Path | None = None
 
     @property
     def address(self) -> str:
@@ -103,7 +106,9 @@ class LocalFleet:
                     env=env,
                     start_new_session=True,
                 )
-            self.sites[launch.site_id] = LocalSite(launch.site_id, process, state, log_path)
+            self.sites[launch.site_id] = LocalSite(
+                launch.site_id, process, state, log_path, tls_dir=launch.tls_dir
+            )
         deadline = time.monotonic() + timeout
         for site in self.sites.values():
             self._await_ready(site, deadline)
@@ -125,7 +130,10 @@ class LocalFleet:
                 )
             time.sleep(0.05)
         site.port = int(ready.read_text())
-        client = GrpcSite(site.site_id, site.address)
+        from twin_wire.client import mutual_tls
+
+        security = mutual_tls(site.tls_dir, site.site_id) if site.tls_dir else {}
+        client = GrpcSite(site.site_id, site.address, **security)
         try:
             client.wait_healthy(timeout=max(1.0, deadline - time.monotonic()))
         except SiteCallError as exc:

@@ -26,9 +26,10 @@ from twin_core.effects import Z975
 
 ARMS = ("central", "federated", "local")
 PLAIN = {"weight_decay": 0.0, "learning_rate": 1e-3, "batch_size": 64}
-# FedProx's proximal term keeps the big sites' local models from drifting away from what the
-# smallest site needs (FedAvg: the smallest site's error ~1.21 x the oracle's, FedProx ~1.18)
-FEDERATED = {"strategy": "fedavg", "proximal_mu": 1.0}
+# Plain FedAvg. (FedProx, mu 1, 8 rounds, 20 seeds: the smallest site's error 1.206 x the
+# oracle's, no better, and the twin's counterfactual effect biased by +1.3: the proximal term
+# slows learning the arm's effect.)
+FEDERATED = {"strategy": "fedavg", "proximal_mu": 0.0}
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -30,6 +31,20 @@ CHANNEL_OPTIONS = (
 )
 
 
+def mutual_tls(tls_dir: Path, site_id: str) -> dict:
+    """GrpcSite keyword arguments for mutual TLS to `site_id`: the orchestrator's certificate
+    and key and the federation CA from the PKI folder, and the site id as the name the site's
+    certificate must carry (checked instead of the dialled host: a site answering with another
+    site's certificate fails the handshake)."""
+    from twin_wire.pki import ORCHESTRATOR, load
+
+    own = load(Path(tls_dir), ORCHESTRATOR)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=own.ca_pem, private_key=own.key_pem, certificate_chain=own.cert_pem
+    )
+    return {"credentials": credentials, "options": (("grpc.ssl_target_name_override", site_id),)}
+
+
 class GrpcSite:
     """One site worker at `target` ("host:port"). The channel opens on first use.
 
@@ -43,11 +58,13 @@ class GrpcSite:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, object]] = (),
         interceptors: Sequence[object] = (),
     ) -> None:
         self.site_id = site_id
         self.target = target
         self._credentials = credentials
+        self._options = tuple(CHANNEL_OPTIONS) + tuple(options)
         self._interceptors = tuple(interceptors)
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
@@ -61,10 +78,10 @@ class GrpcSite:
         with self._lock:
             if self._stub is None:
                 if self._credentials is None:
-                    channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+                    channel = grpc.insecure_channel(self.target, options=self._options)
                 else:
                     channel = grpc.secure_channel(
-                        self.target, self._credentials, options=CHANNEL_OPTIONS
+                        self.target, self._credentials, options=self._options
                     )
                 self._channel = channel
                 if self._interceptors:

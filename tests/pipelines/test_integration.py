@@ -269,7 +269,12 @@ def test_a_site_killed_mid_round(mlflow_uri, tmp_path: Path):
     launches = [SiteLaunch(s, synthetic=True) for s in ("site-1", "site-2", "site-3")]
     with LocalFleet(tmp_path / "sites") as workers, dg.instance_for_test() as instance:
         workers.start(launches)
-        env = _env(GrpcFleet(endpoints=_endpoints(workers)), tmp_path, mlflow_uri, "killed-site")
+        env = _env(
+            GrpcFleet(endpoints=_endpoints(workers), insecure=True),
+            tmp_path,
+            mlflow_uri,
+            "killed-site",
+        )
         slow = RoundConfig(min_sites=2, local_epochs=60, info_timeout_s=5)
 
         watcher = _kill_when_training(workers, "site-3", next_round_key(instance))
@@ -338,7 +343,10 @@ def test_tabular_task_runs_through_the_same_pipeline(mlflow_uri, tmp_path: Path)
     with LocalFleet(tmp_path / "sites") as workers, dg.instance_for_test() as instance:
         workers.start(launches)
         env = _env(
-            GrpcFleet(endpoints=_endpoints(workers)), tmp_path, mlflow_uri, "integration-tabular"
+            GrpcFleet(endpoints=_endpoints(workers), insecure=True),
+            tmp_path,
+            mlflow_uri,
+            "integration-tabular",
         )
         results = run_campaign(
             env.defs, instance, 2, RoundConfig(min_sites=3, local_epochs=3, learning_rate=3e-3)

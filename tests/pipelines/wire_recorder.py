@@ -57,7 +57,9 @@ class RecordingFleet(GrpcFleet):
     def _connect(self, site_id: str, target: str):
         from twin_wire.client import GrpcSite
 
-        return GrpcSite(site_id, target, interceptors=[Recorder(self.message_log())])
+        return GrpcSite(
+            site_id, target, interceptors=[Recorder(self.message_log())], **self._security(site_id)
+        )
 
 
 _LOGS: dict[str, MessageLog] = {}

@@ -21,9 +21,9 @@ from twin_core.training import weights_of
 from twin_wire.client import GrpcSite
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: float = 120, insecure: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "site_worker", *args],
+        [sys.executable, "-m", "site_worker", *args, *(["--insecure"] if insecure else [])],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,9 +86,28 @@ def test_unparseable_file_and_bad_config_are_refused(cohort_dir: Path, tmp_path:
     assert result.returncode == 2 and "unknown key(s) ['flavour']" in result.stderr
 
 
+def test_a_worker_must_say_how_it_is_secured(tmp_path: Path):
+    result = _run("--site-id", "s", "--synthetic", "--state-dir", str(tmp_path), insecure=False)
+    assert result.returncode == 2
+    assert "give --tls-dir DIR" in result.stderr and "or --insecure" in result.stderr
+    missing = _run(
+        "--site-id",
+        "s",
+        "--synthetic",
+        "--state-dir",
+        str(tmp_path),
+        "--tls-dir",
+        str(tmp_path / "nowhere"),
+        insecure=False,
+    )
+    assert missing.returncode == 2 and "missing TLS file(s) for s" in missing.stderr
+
+
 def test_config_file_and_flags_merge(tmp_path: Path):
     config = tmp_path / "site.yaml"
-    config.write_text("site_id: site-2\nstate_dir: /srv/twin\nsynthetic: true\nport: 6000\n")
+    config.write_text(
+        "site_id: site-2\nstate_dir: /srv/twin\nsynthetic: true\nport: 6000\ninsecure: true\n"
+    )
     settings = settings_from_args(["--config", str(config), "--port", "6001"])
     assert settings.site_id == "site-2" and settings.port == 6001 and settings.synthetic
 
@@ -112,6 +131,7 @@ def _start_worker(tmp_path: Path, site_id: str) -> tuple[subprocess.Popen, Path,
                 str(ready),
                 "--grace-seconds",
                 "60",
+                "--insecure",
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,

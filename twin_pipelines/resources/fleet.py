@@ -69,6 +69,8 @@ class GrpcFleet(dg.ConfigurableResource):
 
     sites_file: str = ""
     endpoints: str = ""
+    tls_dir: str = ""  # the federation's PKI folder (twin pki): mutual TLS on every channel
+    insecure: bool = False  # plaintext channels: local/dev mode only, never by default
 
     def endpoint_map(self) -> dict[str, str]:
         if self.endpoints:
@@ -77,16 +79,38 @@ class GrpcFleet(dg.ConfigurableResource):
             return read_sites_file(Path(self.sites_file))
         raise FleetConfigError("no sites configured: set TWIN_SITES or TWIN_SITES_FILE")
 
+    @property
+    def mode(self) -> str:
+        return "production (mutual TLS)" if self.tls_dir else "local/dev (insecure channels)"
+
+    def _security(self, site_id: str) -> dict:
+        """Channel credentials for `site_id`: the orchestrator's certificate, the federation CA,
+        and the site id as the name its certificate must carry (not the dialled host)."""
+        if self.tls_dir:
+            from twin_wire.client import mutual_tls
+            from twin_wire.pki import PkiError
+
+            try:
+                return mutual_tls(Path(self.tls_dir), site_id)
+            except PkiError as exc:
+                raise FleetConfigError(str(exc)) from None
+        if self.insecure:
+            return {}
+        raise FleetConfigError(
+            "no TLS credentials for the site channels: set TWIN_TLS_DIR to the federation's "
+            "PKI folder (twin pki init), or TWIN_INSECURE=1 for local/dev mode only"
+        )
+
     def _connect(self, site_id: str, target: str) -> Site:
         from twin_wire.client import GrpcSite
 
-        return GrpcSite(site_id, target)
+        return GrpcSite(site_id, target, **self._security(site_id))
 
     def sites(self) -> dict[str, Site]:
         out: dict[str, Site] = {}
         with _clients_lock:
             for site_id, target in sorted(self.endpoint_map().items()):
-                key = (type(self).__name__, os.getpid(), site_id, target)
+                key = (type(self).__name__, os.getpid(), site_id, target, self.tls_dir)
                 if key not in _clients:
                     _clients[key] = self._connect(site_id, target)
                 out[site_id] = _clients[key]  # type: ignore[assignment]
