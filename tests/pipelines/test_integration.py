@@ -24,6 +24,7 @@ from twin_pipelines.definitions import build_definitions
 from twin_pipelines.local_fleet import LocalFleet, SiteLaunch
 from twin_pipelines.partitions import next_round_key
 from twin_pipelines.resources import GrpcFleet, MlflowRegistry, RoundStore
+from twin_wire import pki
 from twin_wire.v1 import site_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -49,15 +50,22 @@ def _endpoints(fleet: LocalFleet) -> str:
 
 @pytest.fixture(scope="module")
 def twin_campaign(cohort_dir: Path, mlflow_uri, tmp_path_factory):
-    """Four cohort sites as worker processes, two rounds through Dagster, every message kept."""
+    """Four cohort sites as worker processes in production mode (mutual TLS), two rounds
+    through Dagster, every message kept (as the orchestrator's code sends and receives it)."""
     tmp = tmp_path_factory.mktemp("integration")
+    pki.init(tmp / "pki", list(SITES))
     launches = [
-        SiteLaunch(s, data=cohort_dir / "sites" / f"{s}.csv", schema=cohort_dir / "schema.yaml")
+        SiteLaunch(
+            s,
+            data=cohort_dir / "sites" / f"{s}.csv",
+            schema=cohort_dir / "schema.yaml",
+            tls_dir=tmp / "pki",
+        )
         for s in SITES
     ]
     with LocalFleet(tmp / "sites") as workers, dg.instance_for_test() as instance:
         workers.start(launches)
-        fleet = RecordingFleet(endpoints=_endpoints(workers))
+        fleet = RecordingFleet(endpoints=_endpoints(workers), tls_dir=str(tmp / "pki"))
         env = _env(fleet, tmp, mlflow_uri, "integration-twin")
         results = run_campaign(env.defs, instance, 2, RoundConfig(min_sites=4))
         monitoring = env.defs.resolve_job_def("monitoring_job").execute_in_process(
@@ -70,6 +78,7 @@ def twin_campaign(cohort_dir: Path, mlflow_uri, tmp_path_factory):
             "log": fleet.message_log(),
             "instance": instance,
             "cohort": cohort_dir,
+            "workers": workers,
         }
 
 
@@ -132,6 +141,23 @@ def _walk(message, path=""):
                 yield from _walk(item, name + ".")
             else:
                 yield name, field, item
+
+
+def test_the_campaign_ran_in_production_mode_over_mutual_tls(twin_campaign):
+    from twin_core.errors import SiteCallError
+    from twin_wire.client import GrpcSite
+
+    workers = twin_campaign["workers"]
+    for site in workers.sites.values():
+        assert (
+            f"site {site.site_id}: mutual TLS, answering orchestrator" in site.log_path.read_text()
+        )
+    site_id, address = next(iter(workers.endpoints().items()))
+    plaintext = GrpcSite(site_id, address)
+    with pytest.raises(SiteCallError) as refused:
+        plaintext.info(timeout=5)
+    plaintext.close()
+    assert refused.value.code == "UNAVAILABLE"
 
 
 def test_the_contract_has_no_field_that_can_carry_rows():

@@ -34,6 +34,7 @@ def test_reexecution_from_failure_reuses_persisted_updates(tmp_path: Path, monke
             "TWIN_SITES", ",".join(f"{s}={a}" for s, a in workers.endpoints().items())
         )
         monkeypatch.setenv("TWIN_MODEL_NAME", "reexecution")
+        monkeypatch.setenv("TWIN_INSECURE", "1")  # local/dev mode, said explicitly
         (tmp_path / "not-a-dir").write_text("")  # a registry path that cannot be created
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/not-a-dir/mlflow.db")
         instance.add_dynamic_partitions("fl_round", ["r0001"])
