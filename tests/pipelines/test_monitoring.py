@@ -100,8 +100,11 @@ def test_drift_sensor_fires_for_the_drifted_site_only_after_the_drift(
     assert request.tags["twin/trigger"] == "drift"
     assert request.tags["twin/drift_sites"] == "site-5"
     scores = json.loads(request.tags["twin/drift_scores"])
-    assert list(scores) == ["site-5/data_drift"] and scores["site-5/data_drift"] >= 0.5
-    assert request.run_key == f"drift:site-5/data_drift/{trained.round_key}"
+    assert scores["site-5/data_drift"] >= 0.5
+    # severity is latent: sicker patients' courses are steeper than their covariates tell,
+    # so the champion may also do worse there; only ever at site-5
+    assert set(scores) <= {"site-5/data_drift", "site-5/performance_drift"}, scores
+    assert request.run_key.startswith(f"drift:site-5/data_drift/{trained.round_key}")
 
     drift_event = monitoring.asset_materializations_for_node("site_drift")[0]
     table = {r.data["site"]: r.data for r in drift_event.metadata["sites"].records}
@@ -201,7 +204,7 @@ def test_a_concept_shift_is_caught_by_the_performance_check(round_env, instance)
     sources["site-5"].replace_with(after.site("site-5"))
     monitoring = _materialize_monitoring(env, instance)
     perf = monitoring.asset_materializations_for_node("champion_performance")[0].metadata
-    assert perf["metric"].value == "trajectory_mae"
+    assert perf["metric"].value == "trajectory_z"
     change = {r.data["site"]: r.data["change"] for r in perf["sites"].records}
     assert change["site-5"] > 0.10 and change["site-3"] == change["site-4"] == 0.0
     drift = monitoring.asset_materializations_for_node("site_drift")[0].metadata

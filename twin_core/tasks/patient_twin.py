@@ -279,9 +279,11 @@ def patient_draws(ids: np.ndarray, width: int) -> torch.Tensor:
 
 class PatientTwinTask:
     name = "patient_twin"
-    # what monitoring watches: the whole forecast trajectory, which drifts visibly when the
-    # disease course changes (a concept shift), long before next-visit likelihood does
-    monitoring_metric = "trajectory_mae"
+    # what monitoring watches: the whole forecast trajectory from baseline, which drifts
+    # visibly when the disease course changes (a concept shift), long before next-visit
+    # likelihood does; its errors in units of the twin's own predicted spread, so that a site
+    # whose extract gains later visits (larger errors at longer horizons) is not "drift"
+    monitoring_metric = "trajectory_z"
 
     def __init__(self, schema: DataSchema, oracle: Oracle | None = None):
         self.schema = schema
@@ -306,7 +308,7 @@ class PatientTwinTask:
                 for h in range(1, self.horizon + 1)
                 for k in ("n", "abs", "sq", "oracle_abs")
             )
-            + ("oracle_points", "oracle_floor", "traj_abs2")
+            + ("oracle_points", "oracle_floor", "traj_abs2", "traj_z", "traj_z2")
             + EFFECT_STATISTICS
         )
 
@@ -501,7 +503,8 @@ class PatientTwinTask:
                 if h == 1:
                     inputs = self._inputs(holdout, rows, observed, visit)
                     _, sd = model.forecast(*inputs)
-                    covered = err.abs() <= Z90 * sd.double()[seen]
+                    spread = sd.double()[seen]
+                    covered = err.abs() <= Z90 * spread
                 else:
                     draws = sampled[:, :, visit][:, seen]
                     centre, spread = draws.mean(0), draws.std(0)
@@ -528,6 +531,9 @@ class PatientTwinTask:
                     _add(out, f"b{h}_abs", float(err.abs().sum()))
                     _add(out, f"b{h}_sq", float((err**2).sum()))
                     _add(out, "traj_abs2", float((err**2).sum()))
+                    z = err.abs() / spread.clamp_min(1e-9)  # in units of the twin's own spread
+                    _add(out, "traj_z", float(z.sum()))
+                    _add(out, "traj_z2", float((z**2).sum()))
         out["oracle_points"] = oracle_points
         return out
 
@@ -621,6 +627,13 @@ class PatientTwinTask:
             # standard error of that mean (errors of one patient's horizons taken as independent)
             variance = max(statistics["traj_abs2"] / count - mean_abs**2, 0.0)
             out["trajectory_mae_se"] = math.sqrt(variance / count)
+            # the same errors in units of the twin's predicted spread: comparable across
+            # extracts with more or fewer later visits (errors grow with the horizon, z does not)
+            mean_z = statistics["traj_z"] / count
+            out["trajectory_z"] = mean_z
+            out["trajectory_z_se"] = math.sqrt(
+                max(statistics["traj_z2"] / count - mean_z**2, 0.0) / count
+            )
         return out
 
 
