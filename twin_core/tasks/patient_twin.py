@@ -88,10 +88,13 @@ class LinearCourse(nn.Module):
         self.prior_mean = nn.Linear(n_inputs, 2)
         self.log_sd = nn.Parameter(torch.tensor([0.0, -1.0]))  # level, slope per horizon
         self.correlation = nn.Parameter(torch.zeros(1))  # tanh -> (-1, 1)
+        # the site effect on level and slope: trained and kept at each site, never averaged
+        # (zero in the shared model, which is the federation's average site)
+        self.site_effect = nn.Parameter(torch.zeros(2))
 
     def forward(self, covariates, h, mask, target_visit, noise):
         t = torch.arange(self.horizon + 1, dtype=h.dtype) / self.horizon
-        mu = self.prior_mean(covariates)
+        mu = self.prior_mean(covariates) + self.site_effect
         sd = torch.exp(self.log_sd)
         r = torch.tanh(self.correlation)[0] * 0.99
         s00, s11, s01 = sd[0] ** 2, sd[1] ** 2, r * sd[0] * sd[1]
@@ -166,7 +169,9 @@ class PatientTwinNet(nn.Module):
         course_mean, course_var = self.course(baseline, h, mask, target_visit, scale)
         # the MLP corrects in units of the site's noise: a correction learnt at noisy sites
         # must not swamp the forecast at a precise one
-        return course_mean + scale * out[:, 0], torch.log(course_var).clamp(-8.0, 6.0) + out[:, 1]
+        # the log-variance bounded as a whole: a wild MLP output must not make it infinite
+        log_var = (torch.log(course_var) + out[:, 1]).clamp(-12.0, 8.0)
+        return course_mean + scale * out[:, 0], log_var
 
     def standardise_context(self, context: torch.Tensor) -> torch.Tensor:
         """The site's noise, baseline level and slope per visit, in standardised units."""
@@ -279,6 +284,8 @@ def patient_draws(ids: np.ndarray, width: int) -> torch.Tensor:
 
 class PatientTwinTask:
     name = "patient_twin"
+    # parameters each site trains for itself and keeps (personalisation), never aggregated
+    site_parameters = ("course.site_effect",)
     # what monitoring watches: the whole forecast trajectory from baseline, which drifts
     # visibly when the disease course changes (a concept shift), long before next-visit
     # likelihood does; its errors in units of the twin's own predicted spread, so that a site
