@@ -93,7 +93,6 @@ class SiteHandler:
         self._reference, self._reference_round = self._read_reference()
         self._last_drift: DriftSummary | None = None
         self._control: dict | None = None  # SCAFFOLD c_i, kept between rounds
-        self._own: dict | None = None  # this site's own parameters (its site effect)
 
     @classmethod
     def from_source(cls, site_id: str, source: DataSource, **options) -> SiteHandler:
@@ -166,43 +165,9 @@ class SiteHandler:
                 f"{self.schema.fingerprint}",
             )
         try:
-            load_weights_into(self._model, {**weights, **self._site_parameters(weights)})
+            load_weights_into(self._model, weights)
         except InvalidWeights as exc:
             raise self._refuse("INVALID_ARGUMENT", f"incompatible model: {exc}") from None
-
-    def _site_parameters(self, weights: Mapping) -> dict:
-        """This site's own values of the task's site parameters (the shared model's until it
-        has trained), read from its state folder after a restart."""
-        from twin_core.weights import load_weights
-
-        names = [k for k in self.task.site_parameters if k in weights]
-        if not names:
-            return {}
-        if self._own is None and self.state_dir is not None:
-            path = self.state_dir / "site_parameters.twt"
-            self._own = dict(load_weights(path).weights) if path.exists() else {}
-        own = self._own or {}
-        return {
-            k: own[k]
-            for k in names
-            if k in own
-            and own[k].shape == np.shape(weights[k])
-            and own[k].dtype == weights[k].dtype
-        }
-
-    def _keep_site_parameters(self, trained: Mapping, shared: Mapping) -> dict:
-        """Keep the trained site parameters here; the update carries the shared values back,
-        so aggregation leaves them as they were."""
-        from twin_core.weights import save_weights
-
-        names = [k for k in self.task.site_parameters if k in trained]
-        if not names:
-            return dict(trained)
-        self._own = {k: np.array(trained[k]) for k in names}
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            save_weights(self.state_dir / "site_parameters.twt", self._own)
-        return {**trained, **{k: np.array(shared[k]) for k in names}}
 
     def train(
         self,
@@ -236,7 +201,7 @@ class SiteHandler:
             except ValueError as exc:
                 raise self._refuse("INVALID_ARGUMENT", str(exc)) from None
             seconds = time.perf_counter() - started
-            update = self._keep_site_parameters(weights_of(self._model), model_weights)
+            update = weights_of(self._model)
             if site_control is not None:
                 new_control = scaffold.new_site_control(
                     site_control,

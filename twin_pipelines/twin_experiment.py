@@ -138,6 +138,8 @@ def federated(
     (the one the registry holds), evaluated at every site."""
     import dagster as dg
 
+    from twin_core.tasks import task_for
+    from twin_core.training import load_weights_into
     from twin_pipelines.campaign import run_round
     from twin_pipelines.config import RoundConfig
     from twin_pipelines.definitions import build_definitions
@@ -158,13 +160,10 @@ def federated(
     latest = store.latest_passed()
     if latest is None:
         raise RuntimeError(f"seed {seed}: no federated round passed its gates")
-    weights = store.load(latest["path"]).weights
-    # each site evaluates the shared model with its own site effect, as in the pipeline
-    stats = {
-        s: h.evaluate("final", h.schema.fingerprint, weights).statistics
-        for s, h in handlers.items()
-    }
-    return stats, passed
+    task = task_for(next(iter(handlers.values())).schema)
+    model = task.build_model({}, seed=0)  # the weights carry the standardisation buffers
+    load_weights_into(model, store.load(latest["path"]).weights)
+    return _evaluate_everywhere(handlers, model), passed
 
 
 def run_seed(seed: int, rounds: int, local_epochs: int, workdir: Path) -> SeedRun:

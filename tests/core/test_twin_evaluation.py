@@ -65,7 +65,6 @@ def test_course_layer_is_bayes_rule_by_hand(setting):
     with torch.no_grad():
         site = model.standardise_context(context)
         mu = course.prior_mean(torch.cat([x, categorical, arm.unsqueeze(1), site], 1)).double()
-        mu = mu + course.site_effect.double()
         sd = torch.exp(course.log_sd).double()
         r = float(torch.tanh(course.correlation)[0]) * 0.99
     prior = np.array([[sd[0] ** 2, r * sd[0] * sd[1]], [r * sd[0] * sd[1], sd[1] ** 2]])

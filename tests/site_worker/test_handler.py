@@ -68,34 +68,3 @@ def test_missing_covariates_train_without_nan(make_handler):
     update = handler.train("r1", handler.schema.fingerprint, TrainConfig(), _start(handler))
     assert all(np.isfinite(w).all() for w in update.weights.values())
     assert np.isfinite(update.metrics["train_loss"])
-
-
-def test_the_site_effect_is_trained_and_kept_at_the_site(cohort_dir, tmp_path):
-    """Personalisation: the site trains its own site effect and keeps it (also across a
-    restart); the update carries the shared value back, so aggregation never averages it."""
-    import numpy as np
-
-    from site_worker.data import load_file
-    from site_worker.handler import SiteHandler
-    from twin_core.federation import TrainConfig
-    from twin_core.training import weights_of
-
-    schema, frame = load_file(cohort_dir / "sites" / "site-2.csv", cohort_dir / "schema.yaml")
-    site = SiteHandler("site-2", schema, frame, state_dir=tmp_path)
-    shared = weights_of(site.task.build_model({}, seed=0))
-    name = "course.site_effect"
-    update = site.train("r1", schema.fingerprint, TrainConfig(2, 32, 1e-2, seed=1), shared)
-    np.testing.assert_array_equal(update.weights[name], shared[name])  # nothing to average
-    assert not np.array_equal(update.weights["course.log_sd"], shared["course.log_sd"])
-    own = site._own[name]
-    assert np.abs(own).max() > 0  # trained here
-    # evaluation uses the site's own effect: differs from evaluating the bare shared model
-    with_own = site.evaluate("r1", schema.fingerprint, update.weights).statistics
-    bare = SiteHandler("site-2", schema, frame)  # no state: the shared values
-    assert (
-        with_own["sum_abs"]
-        != bare.evaluate("r1", schema.fingerprint, update.weights).statistics["sum_abs"]
-    )
-    # a restarted worker reads it back from its state folder
-    again = SiteHandler("site-2", schema, frame, state_dir=tmp_path)
-    assert again.evaluate("r1", schema.fingerprint, update.weights).statistics == with_own

@@ -39,9 +39,6 @@ class Task(Protocol):
     schema: DataSchema
     statistic_names: tuple[str, ...]
     monitoring_metric: str  # the metric (lower is better) whose worsening is performance drift
-    # parameters each site trains for itself and keeps (its site effect): a site loads its own
-    # values over the shared model's, and returns the shared values unchanged
-    site_parameters: tuple[str, ...]
 
     def prepare(
         self, frame: pd.DataFrame, holdout_fraction: float, split_seed: int

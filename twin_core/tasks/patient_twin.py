@@ -88,13 +88,10 @@ class LinearCourse(nn.Module):
         self.prior_mean = nn.Linear(n_inputs, 2)
         self.log_sd = nn.Parameter(torch.tensor([0.0, -1.0]))  # level, slope per horizon
         self.correlation = nn.Parameter(torch.zeros(1))  # tanh -> (-1, 1)
-        # the site effect on level and slope: trained and kept at each site, never averaged
-        # (zero in the shared model, which is the federation's average site)
-        self.site_effect = nn.Parameter(torch.zeros(2))
 
     def forward(self, covariates, h, mask, target_visit, noise):
         t = torch.arange(self.horizon + 1, dtype=h.dtype) / self.horizon
-        mu = self.prior_mean(covariates) + self.site_effect
+        mu = self.prior_mean(covariates)
         sd = torch.exp(self.log_sd)
         r = torch.tanh(self.correlation)[0] * 0.99
         s00, s11, s01 = sd[0] ** 2, sd[1] ** 2, r * sd[0] * sd[1]
@@ -284,8 +281,6 @@ def patient_draws(ids: np.ndarray, width: int) -> torch.Tensor:
 
 class PatientTwinTask:
     name = "patient_twin"
-    # parameters each site trains for itself and keeps (personalisation), never aggregated
-    site_parameters = ("course.site_effect",)
     # what monitoring watches: the whole forecast trajectory from baseline, which drifts
     # visibly when the disease course changes (a concept shift), long before next-visit
     # likelihood does; its errors in units of the twin's own predicted spread, so that a site

@@ -51,7 +51,6 @@ class TabularNet(nn.Module):
 class TabularTask:
     name = "tabular"
     monitoring_metric = "loss"
-    site_parameters: tuple[str, ...] = ()
 
     def __init__(self, schema: DataSchema):
         self.schema = schema
