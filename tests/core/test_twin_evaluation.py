@@ -26,14 +26,6 @@ from twin_core.training import evaluate, train_local
 SITES = ("site-2", "site-3")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def setting():
     cohort = generate_cohort(CohortConfig(seed=11))
