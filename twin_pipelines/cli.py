@@ -142,10 +142,11 @@ def _fitness_line(r, home: TwinHome) -> str:
     """The last round's twin, read for trial simulation (truth from the cohort's summary)."""
     import json
 
+    from twin_core.twin_report import Effect
+
     p = r.pooled
     truth = json.loads((home.cohort / "truth" / "summary.json").read_text())["pooled"]
-    low = p["procova_ate"] - 1.959963984540054 * p["procova_se"]
-    high = p["procova_ate"] + 1.959963984540054 * p["procova_se"]
+    low, high = Effect("procova", p["procova_ate"], p["procova_se"]).ci95
     vs_oracle = f" = {p['mae_h1_vs_oracle']:.3f} x the oracle" if "mae_h1_vs_oracle" in p else ""
     return (
         f"Twin fitness ({r.round_key}): one-visit-ahead MAE {p['mae_h1']:.3f}{vs_oracle}; "

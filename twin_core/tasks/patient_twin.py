@@ -402,7 +402,7 @@ class PatientTwinTask:
         everyone = torch.arange(len(p["ids"]))
         model.eval()
         with torch.no_grad():
-            mean, sampled = self._paths(model, holdout, everyone, 0, holdout.arm, SAMPLES)
+            mean, sampled, _ = self._paths(model, holdout, everyone, 0, holdout.arm, SAMPLES)
         centre, spread = sampled.mean(0), sampled.std(0)
         low, high = centre - _T_SAMPLES * spread, centre + _T_SAMPLES * spread
         low[:, 0] = high[:, 0] = mean[:, 0]
@@ -455,10 +455,11 @@ class PatientTwinTask:
 
     def _paths(
         self, model: PatientTwinNet, holdout: TwinHoldout, rows, origin: int, arm, samples: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Forecasts of visits origin+1..horizon for patients `rows`, from the visits observed
         up to `origin`, rolled forward: the mean path (each forecast fed back as history),
-        and `samples` sampled paths (a draw from each forecast fed back), or None."""
+        `samples` sampled paths (a draw from each forecast fed back) or None, and the standard
+        deviation of the first forecast (one visit ahead: the Gaussian itself)."""
         y = holdout.trajectory[rows]
         n, width = len(rows), self.horizon + 1
         observed = torch.isfinite(y) & (torch.arange(width)[None, :] <= origin)
@@ -472,14 +473,17 @@ class PatientTwinTask:
         )
         arm = arm[rows].repeat(1 + samples)
         draws = holdout.draws[rows, :samples].transpose(0, 1).reshape(samples * n, width)
+        first_sd = torch.zeros(n)
         for visit in range(origin + 1, width):
             target = torch.full((len(arm),), visit, dtype=torch.long)
             mean, sd = model.forecast(numeric, categorical, arm, history, mask, target, context)
             draw = mean[n:] + sd[n:] * draws[:, visit]
             history[:, visit] = torch.cat([mean[:n], draw])
             mask[:, visit] = 1.0
+            if visit == origin + 1:
+                first_sd = sd[:n]
         paths = history.double().view(1 + samples, n, width)
-        return paths[0], (paths[1:] if samples else None)
+        return paths[0], (paths[1:] if samples else None), first_sd.double()
 
     def _horizon_statistics(self, model: PatientTwinNet, holdout: TwinHoldout) -> dict:
         """Errors by horizon: from every observed visit (the forecast origin), the visits h
@@ -494,7 +498,9 @@ class PatientTwinTask:
             rows = torch.nonzero(torch.isfinite(y[:, origin])).squeeze(1)
             if not len(rows):
                 continue
-            mean_path, sampled = self._paths(model, holdout, rows, origin, holdout.arm, SAMPLES)
+            mean_path, sampled, first_sd = self._paths(
+                model, holdout, rows, origin, holdout.arm, SAMPLES
+            )
             observed = torch.isfinite(y[rows]) & (torch.arange(width)[None, :] <= origin)
             for visit in range(origin + 1, width):
                 h, target = visit - origin, y[rows, visit]
@@ -503,9 +509,7 @@ class PatientTwinTask:
                     continue
                 err = (target - mean_path[:, visit])[seen]
                 if h == 1:
-                    inputs = self._inputs(holdout, rows, observed, visit)
-                    _, sd = model.forecast(*inputs)
-                    spread = sd.double()[seen]
+                    spread = first_sd[seen]
                     covered = err.abs() <= Z90 * spread
                 else:
                     draws = sampled[:, :, visit][:, seen]
@@ -539,18 +543,6 @@ class PatientTwinTask:
         out["oracle_points"] = oracle_points
         return out
 
-    def _inputs(self, holdout: TwinHoldout, rows, observed, visit: int) -> tuple:
-        y = holdout.trajectory[rows]
-        return (
-            holdout.numeric[rows],
-            holdout.categorical[rows],
-            holdout.arm[rows],
-            torch.where(observed, y, 0.0).float(),
-            observed.float(),
-            torch.full((len(rows),), visit, dtype=torch.long),
-            holdout.context[rows],
-        )
-
     def _oracle(self, holdout: TwinHoldout, rows, observed, visit: int):
         idx = rows.numpy()
         y = holdout.trajectory[rows].numpy()
@@ -568,8 +560,8 @@ class PatientTwinTask:
         effect is its forecast under treatment minus under control."""
         y = holdout.trajectory
         everyone = torch.arange(len(y))
-        control, _ = self._paths(model, holdout, everyone, 0, torch.zeros_like(holdout.arm), 0)
-        treated, _ = self._paths(model, holdout, everyone, 0, torch.ones_like(holdout.arm), 0)
+        control, *_ = self._paths(model, holdout, everyone, 0, torch.zeros_like(holdout.arm), 0)
+        treated, *_ = self._paths(model, holdout, everyone, 0, torch.ones_like(holdout.arm), 0)
         final = torch.isfinite(y[:, -1])
         return effect_statistics(
             holdout.arm.double()[final].numpy(),
