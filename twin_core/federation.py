@@ -78,6 +78,14 @@ class TrainConfig:
     optimizer: str = "adam"
     proximal_mu: float = 0.0  # FedProx (Li et al., MLSys 2020): pull towards the global model
     time_budget_s: float = 0.0  # a straggler stops early and reports the steps it did
+    # site-level DP (DP-FedAvg, McMahan et al., ICLR 2018): the site clips its update (the
+    # trained weights minus the start) to this L2 norm before it leaves; the orchestrator adds
+    # the noise to the sum. 0: off
+    dp_clip: float = 0.0
+    # patient-level DP-SGD at the site: each patient's gradient clipped to dpsgd_clip, Gaussian
+    # noise of dpsgd_noise_multiplier * dpsgd_clip added to every step's sum. 0: off
+    dpsgd_noise_multiplier: float = 0.0
+    dpsgd_clip: float = 1.0
 
 
 @dataclass(frozen=True)

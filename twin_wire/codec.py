@@ -148,6 +148,9 @@ def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
         optimizer=config.optimizer,
         proximal_mu=config.proximal_mu,
         time_budget_s=config.time_budget_s,
+        dp_clip=config.dp_clip,
+        dpsgd_noise_multiplier=config.dpsgd_noise_multiplier,
+        dpsgd_clip=config.dpsgd_clip,
     )
 
 
@@ -161,6 +164,9 @@ def config_from_proto(msg: pb.TrainConfig) -> TrainConfig:
         optimizer=msg.optimizer or "adam",
         proximal_mu=msg.proximal_mu,
         time_budget_s=msg.time_budget_s,
+        dp_clip=msg.dp_clip,
+        dpsgd_noise_multiplier=msg.dpsgd_noise_multiplier,
+        dpsgd_clip=msg.dpsgd_clip or 1.0,
     )
 
 
