@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             drift_share=settings.drift_share,
             share_drift_report=settings.share_drift_report,
             oracle=oracle,
+            identity=tls,
         )
     except (SchemaError, SiteDataError, ValueError) as exc:
         print(f"site_worker: refusing to start site {settings.site_id}: {exc}", file=sys.stderr)

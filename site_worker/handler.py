@@ -26,6 +26,15 @@ from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConf
 from twin_core.monitoring import DriftSummary, ExpectationOutcome, QualityReport
 from twin_core.oracle import Oracle
 from twin_core.schema import DataSchema
+from twin_core.secagg import (
+    MASKED,
+    AdvertisedKeys,
+    MaskingPlan,
+    RevealedShare,
+    SealedShare,
+    SecAggError,
+    SiteSession,
+)
 from twin_core.tasks import task_for
 from twin_core.training import evaluate, load_weights_into, train_local, weights_of
 
@@ -77,8 +86,13 @@ class SiteHandler:
         drift_share: float = 0.5,
         share_drift_report: bool = False,
         oracle: Oracle | None = None,
+        identity: object | None = None,
     ) -> None:
         self.site_id = site_id
+        # mutual TLS mode: the site's certificate, key and the federation CA (twin_wire.pki
+        # Credentials); secure aggregation signs its keys with them and checks its peers'
+        self.identity = identity
+        self._secagg: dict[str, SiteSession] = {}
         self.oracle = oracle  # the synthetic cohort's truth: evaluation only, never training
         self.holdout_fraction, self.split_seed = holdout_fraction, split_seed
         self.state_dir = Path(state_dir) if state_dir else None
@@ -176,7 +190,11 @@ class SiteHandler:
         config: TrainConfig,
         weights: Mapping,
         timeout: float | None = None,
+        masking: MaskingPlan | None = None,
     ) -> SiteUpdate:
+        """Train from `weights`; return the trained weights, or under secure aggregation
+        (`masking`) only the masked, weighted update. With `config.dp_clip` the update
+        (trained minus start) is clipped to that L2 norm before it leaves."""
         if config.local_epochs < 0 or config.batch_size < 1 or not config.learning_rate > 0:
             raise self._refuse("INVALID_ARGUMENT", f"unusable training config {config}")
         with self._lock:
@@ -188,6 +206,10 @@ class SiteHandler:
             model_weights, server_control = scaffold.split(weights, scaffold.CONTROL)
             self._load(schema_fingerprint, model_weights)
             correction, site_control = None, None
+            if masking is not None:
+                session = self._session(round_key, create=False)
+                if server_control:
+                    raise self._refuse("INVALID_ARGUMENT", "SCAFFOLD cannot run masked")
             if server_control:
                 if config.optimizer != "sgd":
                     raise self._refuse("INVALID_ARGUMENT", "SCAFFOLD needs plain SGD at the site")
@@ -214,6 +236,12 @@ class SiteHandler:
                 self._keep_site_control(new_control)
                 delta = {k: new_control[k] - site_control[k] for k in new_control}
                 update = scaffold.join(update, delta, scaffold.DELTA)
+            if config.dp_clip > 0 or masking is not None:
+                update, metrics = self._private_update(
+                    model_weights, update, config, masking, steps, metrics
+                )
+                if masking is not None:
+                    update = {MASKED: self._mask(session, masking, update)}
             self._keep_reference(round_key)
         self._journal(
             "train", round_key, examples=self.data.train_examples, steps=steps, seconds=seconds
@@ -227,6 +255,96 @@ class SiteHandler:
             metrics=metrics,
             train_seconds=seconds,
         )
+
+    def _private_update(self, start, trained, config, masking, steps, metrics):
+        """The update that may leave: clipped to `dp_clip` (DP-FedAvg), and under secure
+        aggregation the weighted delta (what is summed), else start + the clipped delta."""
+        from twin_core.privacy import clip_update
+        from twin_core.strategies import planned_steps
+
+        delta = {
+            k: np.asarray(trained[k], np.float64) - np.asarray(start[k], np.float64)
+            for k in trained
+            if trained[k].dtype.kind == "f"
+        }
+        metrics = dict(metrics)
+        if config.dp_clip > 0:
+            delta, _ = clip_update(delta, config.dp_clip)
+            metrics["dp_clip"] = config.dp_clip
+        if masking is not None:
+            if masking.weighting == "uniform" or config.dp_clip > 0:
+                weight = 1.0
+            else:
+                planned = planned_steps(
+                    config.local_epochs, config.batch_size, self.data.train_examples
+                )
+                done = min(1.0, steps / planned) if planned > 0 else 1.0
+                weight = float(self.data.train_examples) * done
+            return {k: delta[k] * weight for k in delta}, metrics
+        out = dict(trained)
+        for k, d in delta.items():
+            out[k] = (np.asarray(start[k], np.float64) + d).astype(trained[k].dtype)
+        return out, metrics
+
+    def _mask(self, session: SiteSession, masking: MaskingPlan, weighted: Mapping) -> np.ndarray:
+        from twin_core import secagg
+
+        try:
+            return session.mask(masking, secagg.encode(weighted))
+        except SecAggError as exc:
+            raise self._refuse("FAILED_PRECONDITION", f"secure aggregation: {exc}") from None
+
+    # -- secure aggregation: this site's side of each step (twin_core/secagg.py) ------------------
+    def _session(self, round_key: str, create: bool) -> SiteSession:
+        with self._lock:
+            session = self._secagg.get(round_key)
+            # advertising always starts afresh: a re-executed round gets new keys and seeds,
+            # and whatever an earlier attempt left unfinished is dropped, never reused
+            if create:
+                self._secagg.pop(round_key, None)
+                signer = ca = None
+                if self.identity is not None:
+                    signer = (self.identity.cert_pem, self.identity.key_pem)
+                    ca = self.identity.ca_pem
+                session = SiteSession(self.site_id, round_key, signer=signer, ca_pem=ca)
+                self._secagg[round_key] = session
+                for old in list(self._secagg)[:-4]:  # a few rounds in flight at most
+                    del self._secagg[old]
+            if session is None:
+                raise self._refuse(
+                    "FAILED_PRECONDITION",
+                    f"secure aggregation: no keys advertised for round {round_key}",
+                )
+            return session
+
+    def secagg_advertise(self, round_key: str, timeout: float | None = None) -> AdvertisedKeys:
+        try:
+            return self._session(round_key, create=True).advertise()
+        except SecAggError as exc:
+            raise self._refuse("FAILED_PRECONDITION", f"secure aggregation: {exc}") from None
+
+    def secagg_share(
+        self,
+        round_key: str,
+        roster: list[AdvertisedKeys],
+        threshold: int,
+        timeout: float | None = None,
+    ) -> list[SealedShare]:
+        try:
+            return self._session(round_key, create=False).share(roster, threshold)
+        except SecAggError as exc:
+            raise self._refuse("FAILED_PRECONDITION", f"secure aggregation: {exc}") from None
+
+    def secagg_unmask(
+        self, round_key: str, survivors: list[str], timeout: float | None = None
+    ) -> list[RevealedShare]:
+        try:
+            revealed = self._session(round_key, create=False).unmask(survivors)
+        except SecAggError as exc:
+            raise self._refuse("FAILED_PRECONDITION", f"secure aggregation: {exc}") from None
+        with self._lock:
+            self._secagg.pop(round_key, None)  # the round's secrets are spent
+        return revealed
 
     def evaluate(
         self,

@@ -88,7 +88,11 @@ class SiteServicer(site_pb2_grpc.SiteServiceServicer):
             call = codec.read_train_requests(requests)
             log.info("train start site=%s round=%s", call.site_id, call.round_key)
             update = handler.train(
-                call.round_key, call.schema_fingerprint, call.config, call.weights
+                call.round_key,
+                call.schema_fingerprint,
+                call.config,
+                call.weights,
+                masking=call.masking,
             )
         except (MalformedStream, SiteCallError) as exc:
             log.warning("train refused site=%s: %s", handler.site_id, exc)
@@ -101,6 +105,29 @@ class SiteServicer(site_pb2_grpc.SiteServiceServicer):
             update.train_seconds,
         )
         yield from codec.train_replies(update)
+
+    def SecAgg(self, request: pb.SecAggRequest, context: grpc.ServicerContext) -> pb.SecAggReply:
+        handler = self._handler(request.site_id, context)
+        reply = pb.SecAggReply(site_id=handler.site_id, round_key=request.round_key)
+        step = request.WhichOneof("step")
+        try:
+            if step == "advertise":
+                reply.keys.CopyFrom(
+                    codec.keys_to_proto(handler.secagg_advertise(request.round_key))
+                )
+            elif step == "share":
+                roster = [codec.keys_from_proto(k) for k in request.share.roster]
+                sealed = handler.secagg_share(request.round_key, roster, request.share.threshold)
+                reply.sealed.extend(codec.sealed_to_proto(s) for s in sealed)
+            elif step == "unmask":
+                revealed = handler.secagg_unmask(request.round_key, list(request.unmask.survivors))
+                reply.revealed.extend(codec.revealed_to_proto(r) for r in revealed)
+            else:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "secure aggregation: no step")
+        except SiteCallError as exc:
+            log.warning("secagg %s refused site=%s: %s", step, handler.site_id, exc)
+            self._abort(context, exc)
+        return reply
 
     def Evaluate(
         self, request_iterator: Iterator[pb.EvaluateRequest], context: grpc.ServicerContext

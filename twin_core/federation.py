@@ -6,12 +6,15 @@ Everything here is aggregate: counts, sums, metrics and model weights. Nothing c
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twin_core.monitoring import DriftSummary, QualityReport
 from twin_core.weights import Weights
+
+if TYPE_CHECKING:
+    from twin_core.secagg import AdvertisedKeys, MaskingPlan, RevealedShare, SealedShare
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,7 @@ class Site(Protocol):
         config: TrainConfig,
         weights: Mapping,
         timeout: float,
+        masking: MaskingPlan | None = None,
     ) -> SiteUpdate: ...
 
     def evaluate(
@@ -145,3 +149,14 @@ class Site(Protocol):
     def check_data(self, timeout: float) -> QualityReport: ...
 
     def drift(self, timeout: float) -> DriftSummary: ...
+
+    # secure aggregation (twin_core/secagg.py): each step of the protocol at this site
+    def secagg_advertise(self, round_key: str, timeout: float) -> AdvertisedKeys: ...
+
+    def secagg_share(
+        self, round_key: str, roster: Sequence[AdvertisedKeys], threshold: int, timeout: float
+    ) -> list[SealedShare]: ...
+
+    def secagg_unmask(
+        self, round_key: str, survivors: Sequence[str], timeout: float
+    ) -> list[RevealedShare]: ...

@@ -66,6 +66,10 @@ class UpdateRecord:
 class RoundUpdates:
     updates: tuple[UpdateRecord, ...]
     failures: tuple[SiteFailure, ...]
+    # under secure aggregation: the unmasked sum of the weighted updates and its total weight
+    # (the per-site files then hold masked vectors only)
+    secure_sum_path: str = ""
+    secure_weight: float = 0.0
 
     @property
     def total_examples(self) -> int:

@@ -42,6 +42,7 @@ SCALE = float(1 << FRACTION_BITS)
 # |v| * 2^24 summed over the sites must stay below 2^63 (the ring's signed half)
 MAX_SITES = 1 << 10
 MAX_ABS = float(1 << (63 - FRACTION_BITS)) / MAX_SITES
+MASKED = "secagg.masked"  # the one tensor a site sends back under secure aggregation
 SELF_MASK = "self_mask"
 MASK_KEY = "mask_key"
 _SHARE_INFO = b"twin-pipelines secagg v1 share key"

@@ -24,7 +24,7 @@ Weights = dict[str, np.ndarray]
 
 _FILE_MAGIC = b"TWINWTS1"
 _ALLOWED_DTYPES = frozenset(
-    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"}
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint64", "bool"}
 )
 
 

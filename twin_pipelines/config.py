@@ -8,7 +8,7 @@ from pydantic import Field
 from twin_core.federation import TrainConfig
 from twin_core.selection import POLICIES
 from twin_core.server_optimizers import OPTIMIZERS, ServerOptimizer
-from twin_core.strategies import STRATEGIES, Strategy
+from twin_core.strategies import STRATEGIES, SUMMABLE, Strategy
 
 
 class RoundConfig(dg.Config):
@@ -71,6 +71,37 @@ class RoundConfig(dg.Config):
         default=0.02,
         description="relative worsening of pooled loss vs. the champion that still passes",
     )
+    secure_aggregation: bool = Field(
+        default=False,
+        description="pairwise-masked secure aggregation: the orchestrator sees only the sum of "
+        "the sites' updates (fedavg, fedavg_uniform and the server optimisers only)",
+    )
+    secagg_threshold: int = Field(
+        default=0,
+        description="secure aggregation: sites needed to unmask (0: the smallest majority)",
+    )
+    dp_clip: float = Field(
+        default=0.0,
+        description="site-level DP (DP-FedAvg): each site's update clipped to this L2 norm "
+        "(0: off); sites then weigh equally",
+    )
+    dp_noise_multiplier: float = Field(
+        default=0.0,
+        description="DP-FedAvg: Gaussian noise of this x dp_clip added to the sum of updates",
+    )
+    dpsgd_noise_multiplier: float = Field(
+        default=0.0, description="patient-level DP-SGD at every site: noise multiplier (0: off)"
+    )
+    dpsgd_clip: float = Field(default=1.0, description="DP-SGD: per-patient gradient L2 clip")
+    privacy_budget: float = Field(
+        default=0.0,
+        description="epsilon each privacy scope (each site under DP-SGD, the federation under "
+        "DP-FedAvg) may spend in total; a round that would exceed it is refused (0: no budget)",
+    )
+    privacy_delta: float = Field(default=1e-5, description="the delta of every epsilon reported")
+    campaign: str = Field(
+        default="default", description="the campaign this round's privacy spending is booked to"
+    )
     coverage_range: list[float] = Field(
         default_factory=list,
         description="patient twin: registration needs the pooled coverage of its 90 % "
@@ -109,6 +140,7 @@ class RoundConfig(dg.Config):
             out.append(f"unknown promotion {self.promotion!r} (choose automatic or manual)")
         if not self.max_update_norm > 0 or self.regression_tolerance < 0:
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
+        out += self._privacy_problems()
         if self.coverage_range and not (
             len(self.coverage_range) == 2
             and 0 <= self.coverage_range[0] < self.coverage_range[1] <= 1
@@ -116,6 +148,44 @@ class RoundConfig(dg.Config):
             out.append(
                 f"coverage_range must be [low, high] with 0 <= low < high <= 1, "
                 f"got {self.coverage_range}"
+            )
+        return out
+
+    def _privacy_problems(self) -> list[str]:
+        out = []
+        strategy = self.aggregation_strategy() if self.strategy in STRATEGIES else None
+        hides = []
+        if self.secure_aggregation:
+            hides.append("secure aggregation hides each site's update")
+        if self.dp_clip > 0:
+            hides.append("DP-FedAvg's noise is calibrated to a mean of clipped updates")
+        if strategy is not None and hides and not strategy.sums_updates:
+            out.append(
+                f"strategy {self.strategy} cannot run here: {' and '.join(hides)}; choose "
+                f"{', '.join(SUMMABLE)}, or turn those off"
+            )
+        if hides and self.screen_updates:
+            out.append(f"screen_updates needs each site's update: {' and '.join(hides)}")
+        if self.secagg_threshold < 0:
+            out.append("secagg_threshold must be >= 0")
+        if self.secure_aggregation and 0 < self.secagg_threshold < 2:
+            out.append("secagg_threshold must be at least 2")
+        if self.dp_clip < 0 or self.dp_noise_multiplier < 0 or self.dpsgd_noise_multiplier < 0:
+            out.append("dp_clip and the noise multipliers must be >= 0")
+        if self.dp_noise_multiplier > 0 and not self.dp_clip > 0:
+            out.append("dp_noise_multiplier needs dp_clip > 0 (the noise is scaled to the clip)")
+        if self.dpsgd_noise_multiplier > 0 and not self.dpsgd_clip > 0:
+            out.append("dpsgd_clip must be > 0")
+        if not 0 < self.privacy_delta < 1:
+            out.append(f"privacy_delta must be in (0, 1), got {self.privacy_delta}")
+        if self.privacy_budget < 0:
+            out.append("privacy_budget must be >= 0")
+        if self.privacy_budget > 0 and not (
+            self.dp_noise_multiplier > 0 or self.dpsgd_noise_multiplier > 0
+        ):
+            out.append(
+                "privacy_budget is set but no differential privacy is on (set "
+                "dp_noise_multiplier with dp_clip, or dpsgd_noise_multiplier)"
             )
         return out
 
@@ -157,6 +227,9 @@ class RoundConfig(dg.Config):
             optimizer=self.optimizer,
             proximal_mu=self.proximal_mu,
             time_budget_s=self.time_budget_s,
+            dp_clip=self.dp_clip,
+            dpsgd_noise_multiplier=self.dpsgd_noise_multiplier,
+            dpsgd_clip=self.dpsgd_clip,
         )
 
 

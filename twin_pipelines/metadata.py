@@ -70,7 +70,7 @@ def updates_metadata(updates: RoundUpdates) -> dict:
             "steps": u.steps,
             "train_loss": u.metrics.get("train_loss"),
             "seconds": round(u.train_seconds, 3),
-            "delta_norm": u.delta_norm,
+            "delta_norm": u.delta_norm if u.delta_norm == u.delta_norm else None,  # NaN: masked
         }
         for u in updates.updates
     ]
@@ -89,6 +89,11 @@ def updates_metadata(updates: RoundUpdates) -> dict:
         "succeeded": len(updates.updates),
         "failed": len(updates.failures),
         "total_examples": updates.total_examples,
+        **(
+            {"secure_aggregation": "on: the orchestrator holds only the sum"}
+            if updates.secure_sum_path
+            else {}
+        ),
     }
 
 

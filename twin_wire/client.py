@@ -15,6 +15,7 @@ import grpc
 from twin_core.errors import MalformedStream, SiteCallError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
 from twin_core.monitoring import DriftSummary, QualityReport
+from twin_core.secagg import AdvertisedKeys, MaskingPlan, RevealedShare, SealedShare
 from twin_wire import codec
 from twin_wire.v1 import site_pb2 as pb
 from twin_wire.v1 import site_pb2_grpc
@@ -115,9 +116,10 @@ class GrpcSite:
         config: TrainConfig,
         weights: Mapping,
         timeout: float,
+        masking: MaskingPlan | None = None,
     ) -> SiteUpdate:
         requests = codec.train_requests(
-            self.site_id, round_key, schema_fingerprint, config, weights
+            self.site_id, round_key, schema_fingerprint, config, weights, masking
         )
         try:
             update = codec.read_train_replies(self.stub.Train(requests, timeout=timeout))
@@ -153,6 +155,47 @@ class GrpcSite:
         except grpc.RpcError as exc:
             raise self._fail(exc) from None
         return codec.drift_from_proto(reply)
+
+    def _secagg(self, request: pb.SecAggRequest, timeout: float) -> pb.SecAggReply:
+        try:
+            reply = self.stub.SecAgg(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._fail(exc) from None
+        if reply.site_id != self.site_id or reply.round_key != request.round_key:
+            raise SiteCallError(
+                self.site_id,
+                "MALFORMED_REPLY",
+                f"reply names site {reply.site_id!r} round {reply.round_key!r}",
+            )
+        return reply
+
+    def secagg_advertise(self, round_key: str, timeout: float) -> AdvertisedKeys:
+        request = pb.SecAggRequest(
+            site_id=self.site_id, round_key=round_key, advertise=pb.SecAggAdvertise()
+        )
+        return codec.keys_from_proto(self._secagg(request, timeout).keys)
+
+    def secagg_share(
+        self, round_key: str, roster: Sequence[AdvertisedKeys], threshold: int, timeout: float
+    ) -> list[SealedShare]:
+        request = pb.SecAggRequest(
+            site_id=self.site_id,
+            round_key=round_key,
+            share=pb.SecAggShare(
+                roster=[codec.keys_to_proto(k) for k in roster], threshold=threshold
+            ),
+        )
+        return [codec.sealed_from_proto(s) for s in self._secagg(request, timeout).sealed]
+
+    def secagg_unmask(
+        self, round_key: str, survivors: Sequence[str], timeout: float
+    ) -> list[RevealedShare]:
+        request = pb.SecAggRequest(
+            site_id=self.site_id,
+            round_key=round_key,
+            unmask=pb.SecAggUnmask(survivors=list(survivors)),
+        )
+        return [codec.revealed_from_proto(r) for r in self._secagg(request, timeout).revealed]
 
     def wait_healthy(self, timeout: float) -> None:
         """Block until the worker's standard health check answers SERVING."""

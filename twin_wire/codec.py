@@ -23,6 +23,7 @@ from twin_core.federation import (
     TrainConfig,
 )
 from twin_core.monitoring import DriftSummary, ExpectationOutcome, FeatureDrift, QualityReport
+from twin_core.secagg import AdvertisedKeys, MaskingPlan, RevealedShare, SealedShare
 from twin_core.weights import (
     Manifest,
     TensorSpec,
@@ -315,6 +316,7 @@ class TrainCall:
     schema_fingerprint: str
     config: TrainConfig
     weights: Weights
+    masking: MaskingPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -326,7 +328,12 @@ class EvaluateCall:
 
 
 def train_requests(
-    site_id: str, round_key: str, schema_fingerprint: str, config: TrainConfig, weights: Mapping
+    site_id: str,
+    round_key: str,
+    schema_fingerprint: str,
+    config: TrainConfig,
+    weights: Mapping,
+    masking: MaskingPlan | None = None,
 ) -> Iterator[pb.TrainRequest]:
     header = pb.TrainHeader(
         site_id=site_id,
@@ -335,6 +342,8 @@ def train_requests(
         config=config_to_proto(config),
         weights=manifest_to_proto(manifest_of(weights)),
     )
+    if masking is not None:
+        header.masking.CopyFrom(masking_to_proto(masking))
     return _stream(pb.TrainRequest, header, weights)
 
 
@@ -346,6 +355,70 @@ def read_train_requests(requests: Iterable[pb.TrainRequest]) -> TrainCall:
         header.schema_fingerprint,
         config_from_proto(header.config),
         weights,
+        masking_from_proto(header.masking) if header.HasField("masking") else None,
+    )
+
+
+# ---- secure aggregation -------------------------------------------------------------------
+def keys_to_proto(keys: AdvertisedKeys) -> pb.AdvertisedKeys:
+    return pb.AdvertisedKeys(
+        site_id=keys.site_id,
+        cipher_public_key=keys.cipher_public_key,
+        mask_public_key=keys.mask_public_key,
+        self_mask_commitment=keys.self_mask_commitment,
+        signature=keys.signature,
+        certificate_pem=keys.certificate_pem,
+    )
+
+
+def keys_from_proto(msg: pb.AdvertisedKeys) -> AdvertisedKeys:
+    return AdvertisedKeys(
+        msg.site_id,
+        msg.cipher_public_key,
+        msg.mask_public_key,
+        msg.self_mask_commitment,
+        msg.signature,
+        msg.certificate_pem,
+    )
+
+
+def sealed_to_proto(share: SealedShare) -> pb.SealedShare:
+    return pb.SealedShare(
+        from_site=share.from_site, to_site=share.to_site, ciphertext=share.ciphertext
+    )
+
+
+def sealed_from_proto(msg: pb.SealedShare) -> SealedShare:
+    return SealedShare(msg.from_site, msg.to_site, msg.ciphertext)
+
+
+def revealed_to_proto(share: RevealedShare) -> pb.RevealedShare:
+    return pb.RevealedShare(
+        holder=share.holder,
+        owner=share.owner,
+        kind=share.kind,
+        index=share.index,
+        value=share.value,
+    )
+
+
+def revealed_from_proto(msg: pb.RevealedShare) -> RevealedShare:
+    return RevealedShare(msg.holder, msg.owner, msg.kind, msg.index, msg.value)
+
+
+def masking_to_proto(plan: MaskingPlan) -> pb.MaskingPlan:
+    return pb.MaskingPlan(
+        shared=list(plan.shared),
+        incoming=[sealed_to_proto(s) for s in plan.incoming],
+        weighting=plan.weighting,
+    )
+
+
+def masking_from_proto(msg: pb.MaskingPlan) -> MaskingPlan:
+    return MaskingPlan(
+        tuple(msg.shared),
+        tuple(sealed_from_proto(s) for s in msg.incoming),
+        msg.weighting or "examples",
     )
 
 

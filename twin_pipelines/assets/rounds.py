@@ -78,6 +78,7 @@ def round_plan(
             key, "start.twt", weights_of(model), {"seed": config.seed}
         )
         start_path, start_round, start_sha = str(path), None, manifest.sha256
+    privacy = _check_privacy_budget(config, key, selection, infos, store)
     quality = {s: infos[s].data_check_score for s in selection.chosen}
     site_status = {s: site_status_of(i) for s, i in sorted(infos.items())}
     plan = RoundPlan(
@@ -93,7 +94,55 @@ def round_plan(
         site_status,
     )
     store.write_json(key, "plan.json", asdict(plan))
-    return dg.Output(plan, metadata=plan_metadata(plan, config.seed))
+    metadata = plan_metadata(plan, config.seed)
+    if privacy:
+        metadata["privacy: epsilon after this round"] = dg.MetadataValue.json(privacy)
+    return dg.Output(plan, metadata=metadata)
+
+
+def _check_privacy_budget(config, key, selection, infos, store) -> dict[str, float]:
+    """Refuse the round before anything trains if it would take a privacy scope over the
+    budget; return epsilon after it, by scope (empty without differential privacy)."""
+    from twin_core.privacy import PrivacyBudgetExceeded, check_budget
+
+    planned = planned_privacy(config, selection.chosen, len(selection.compatible), infos)
+    if not planned:
+        return {}
+    try:
+        after = check_budget(
+            store.ledger(),
+            planned,
+            config.privacy_budget,
+            config.privacy_delta,
+            round_key=key,
+        )
+    except PrivacyBudgetExceeded as exc:
+        raise dg.Failure(
+            f"round {key} refused: it would exceed the privacy budget: {exc}"
+        ) from None
+    return {scope: round(eps, 4) for scope, eps in sorted(after.items())}
+
+
+def planned_privacy(config, chosen, compatible: int, infos) -> dict:
+    """The DP events this round will add, by privacy scope."""
+    from twin_core.privacy import FEDERATION, planned_dpsgd_event, planned_fedavg_event
+
+    planned: dict = {}
+    if config.dp_noise_multiplier > 0:
+        planned[FEDERATION] = [
+            planned_fedavg_event(config.dp_noise_multiplier, len(chosen), max(compatible, 1))
+        ]
+    if config.dpsgd_noise_multiplier > 0:
+        for site in chosen:
+            planned[site] = [
+                planned_dpsgd_event(
+                    config.dpsgd_noise_multiplier,
+                    config.batch_size,
+                    max(infos[site].units, 1),
+                    config.local_epochs,
+                )
+            ]
+    return planned
 
 
 def _train_and_persist(
@@ -118,6 +167,11 @@ def _train_and_persist(
             raise InvalidWeights(f"update claims {update.num_examples} training examples")
         model, control_delta = scaffold.split(update.weights, scaffold.DELTA)
         norm = check_update(model, start, config.max_update_norm)
+        if config.dp_clip > 0 and norm > config.dp_clip * (1 + 1e-4):
+            raise InvalidWeights(
+                f"update norm {norm:.4g} exceeds the DP clip {config.dp_clip:g}: the site did "
+                "not clip, and its update would break the privacy guarantee"
+            )
         if config.strategy == "scaffold":
             check_update(control_delta, scaffold.zeros_like(start), float("inf"))
     except InvalidWeights as exc:
@@ -134,6 +188,73 @@ def _train_and_persist(
         update.train_seconds,
         norm,
     )
+
+
+def _secure_updates(
+    plan: RoundPlan,
+    config: RoundConfig,
+    start: Weights,
+    chosen: dict[str, Site],
+    missing: list[SiteFailure],
+    store: RoundStore,
+) -> RoundUpdates:
+    """Train under secure aggregation: persist each site's masked vector (noise on its own)
+    and the unmasked sum; a protocol failure fails the round with its reason."""
+    from twin_core.secagg import SecAggError
+    from twin_core.secure_round import run_secure_round
+
+    key = plan.round_key
+    try:
+        result = run_secure_round(
+            chosen,
+            key,
+            plan.selection.schema_fingerprint,
+            start,
+            lambda s: config.train_config(site_seed(config.seed, key, s)),
+            threshold=config.secagg_threshold,
+            weighting="uniform" if config.strategy == "fedavg_uniform" else "examples",
+            step_timeout=config.info_timeout_s,
+            train_timeout=config.train_timeout_s,
+        )
+    except SecAggError as exc:
+        raise dg.Failure(f"round {key}: secure aggregation failed: {exc}") from None
+    records = []
+    for site_id, update in sorted(result.updates.items()):
+        meta = {"num_examples": update.num_examples, "steps": update.steps, "masked": True}
+        path = store.save_update(key, site_id, update.weights, meta)
+        records.append(
+            UpdateRecord(
+                site_id,
+                str(path),
+                update.num_examples,
+                update.steps,
+                update.metrics,
+                update.train_seconds,
+                float("nan"),  # an individual update's norm is exactly what is hidden
+            )
+        )
+    path, _ = store.save_weights(
+        key,
+        "secure_sum.twt",
+        result.total,
+        {"weight": result.weight, "sites": sorted(result.updates), "threshold": result.threshold},
+    )
+    return RoundUpdates(tuple(records), tuple(missing) + result.failures, str(path), result.weight)
+
+
+def _book_dpsgd(updates: RoundUpdates, key: str, config: RoundConfig, store: RoundStore) -> None:
+    """Record the DP-SGD each site reports having run (its patients' privacy is spent once
+    the update has left, whatever becomes of the round)."""
+    from twin_core.privacy import dpsgd_event_from_metrics
+
+    events = {u.site_id: dpsgd_event_from_metrics(u.metrics) for u in updates.updates}
+    if not any(events.values()):
+        return
+    ledger = store.ledger()
+    for site_id, event in events.items():
+        if event is not None:
+            ledger.record(key, config.campaign, site_id, event)
+    store.save_ledger(ledger)
 
 
 def _screen(
@@ -201,13 +322,20 @@ def site_updates(
         for s in round_plan.selection.chosen
         if s not in sites
     ]
-    results = run_on_sites(
-        {s: sites[s] for s in round_plan.selection.chosen if s in sites},
-        lambda site: _train_and_persist(site, round_plan, config, start.weights, outgoing, store),
-        stage="train",
-        timeout=config.train_timeout_s + 10,
-    )
-    updates = RoundUpdates.collect(results, missing)
+    chosen = {s: sites[s] for s in round_plan.selection.chosen if s in sites}
+    if config.secure_aggregation:
+        updates = _secure_updates(round_plan, config, start.weights, chosen, missing, store)
+    else:
+        results = run_on_sites(
+            chosen,
+            lambda site: _train_and_persist(
+                site, round_plan, config, start.weights, outgoing, store
+            ),
+            stage="train",
+            timeout=config.train_timeout_s + 10,
+        )
+        updates = RoundUpdates.collect(results, missing)
+    _book_dpsgd(updates, round_plan.round_key, config, store)
     if config.screen_updates:
         updates = _screen(updates, start.weights, round_plan.round_key, config, store)
     for failure in updates.failures:
@@ -218,6 +346,61 @@ def site_updates(
         f"; failures: {failure_lines(updates.failures)}" if updates.failures else ""
     )
     yield check_result(gate, description)
+
+
+def _mean_of_sum(
+    plan: RoundPlan, updates: RoundUpdates, config: RoundConfig, start: Weights, store: RoundStore
+) -> tuple[Weights, dict]:
+    """The model the round's (weighted) mean update leads to, from the secure sum or, under
+    DP-FedAvg, from the clipped updates plus Gaussian noise of dp_noise_multiplier x dp_clip
+    on their sum (divided by the number of sites chosen, fixed before training: McMahan et
+    al.'s fixed denominator). The noise comes from the OS's random source: a seeded one could
+    be subtracted by anyone who knows the seed."""
+    import secrets
+
+    from twin_core.privacy import FEDERATION, gaussian_noise, planned_fedavg_event
+
+    floats = [k for k in start if start[k].dtype.kind == "f"]
+    if updates.secure_sum_path:
+        total = dict(store.load(updates.secure_sum_path).weights)
+        weight = updates.secure_weight
+    else:
+        total = {k: np.zeros(start[k].shape, np.float64) for k in floats}
+        for record in updates.updates:
+            trained = store.load(record.path).weights
+            for k in floats:
+                total[k] += trained[k].astype(np.float64) - start[k]
+        weight = float(len(updates.updates))
+    facts: dict = {}
+    if config.dp_clip > 0:
+        weight = float(len(plan.selection.chosen))
+        facts["dp_clip"] = config.dp_clip
+        if config.dp_noise_multiplier > 0:
+            std = config.dp_noise_multiplier * config.dp_clip
+            noise = gaussian_noise(total, std, secrets.randbits(128))
+            total = {k: total[k] + noise[k] for k in total}
+            facts.update(dp_noise_std=std, dp_noise_multiplier=config.dp_noise_multiplier)
+            ledger = store.ledger()
+            event = planned_fedavg_event(
+                config.dp_noise_multiplier,
+                len(plan.selection.chosen),
+                max(len(plan.selection.compatible), 1),
+            )
+            ledger.record(plan.round_key, config.campaign, FEDERATION, event)
+            store.save_ledger(ledger)
+    if not weight > 0:
+        raise dg.Failure(f"round {plan.round_key}: the updates' total weight is {weight}")
+    mean = dict(start)
+    for k in floats:
+        mean[k] = (start[k] + total[k] / weight).astype(start[k].dtype)
+    norm = float(np.sqrt(sum(float(np.sum((total[k] / weight) ** 2)) for k in floats)))
+    if not np.isfinite(norm) or norm > config.max_update_norm:
+        raise dg.Failure(
+            f"round {plan.round_key}: the aggregate update's norm {norm:.4g} is not finite or "
+            f"exceeds max_update_norm {config.max_update_norm:g}"
+        )
+    facts["aggregate_delta_norm"] = round(norm, 6)
+    return mean, facts
 
 
 @dg.asset(
@@ -244,23 +427,30 @@ def global_model(
     config = RoundConfig(**round_plan.config)
     strategy = config.aggregation_strategy()
     start = store.load(round_plan.start_path).weights
-    contributions = [
-        (
-            SiteContribution(
-                u.site_id,
-                u.num_examples,
-                u.steps,
-                planned_steps(config.local_epochs, config.batch_size, u.num_examples),
-                round_plan.quality.get(u.site_id, 1.0),
-            ),
-            u.path,
+    facts_extra: dict = {}
+    if site_updates.secure_sum_path or config.dp_clip > 0:
+        # only the (noised) mean is known: the strategy (FedAvg or a server optimiser) steps
+        # to it as to a single site's update
+        mean, facts_extra = _mean_of_sum(round_plan, site_updates, config, start, store)
+        updates_in = iter([(SiteContribution("mean", 1, 0, 0), mean)])
+    else:
+        updates_in = (
+            (
+                SiteContribution(
+                    u.site_id,
+                    u.num_examples,
+                    u.steps,
+                    planned_steps(config.local_epochs, config.batch_size, u.num_examples),
+                    round_plan.quality.get(u.site_id, 1.0),
+                ),
+                store.load(u.path).weights,
+            )
+            for u in sorted(site_updates.updates, key=lambda u: u.site_id)
         )
-        for u in sorted(site_updates.updates, key=lambda u: u.site_id)
-    ]
     weights, server_state, facts = aggregate(
         strategy,
         start,
-        ((site, store.load(path).weights) for site, path in contributions),
+        updates_in,
         store.server_state(round_plan.start_round, strategy.name)
         if strategy.server or strategy.name == "scaffold"
         else None,
@@ -284,6 +474,7 @@ def global_model(
         site_examples,
     )
     gate = finite_gate(weights)
+    facts.update(facts_extra)
     yield dg.Output(
         candidate,
         metadata={

@@ -7,7 +7,9 @@
     <root>/r0001/candidate.twt              the aggregated model
     <root>/r0001/server_state.twt           server optimiser moments (FedAdam & co.), if any
     <root>/r0001/evaluation.json
+    <root>/r0001/secure_sum.twt             under secure aggregation: the unmasked sum
     <root>/latest.json                      the latest candidate that passed every gate
+    <root>/privacy_ledger.json              epsilon spent, per privacy scope and campaign
 
 Writes are atomic (temp file + rename), so a crash never leaves a half-written file behind.
 """
@@ -50,6 +52,20 @@ class RoundStore(dg.ConfigurableResource):
     ) -> tuple[Path, Manifest]:
         path = self.round_dir(round_key) / name
         return path, save_weights(path, weights, meta)
+
+    def ledger(self):
+        """The federation's privacy ledger (twin_core.privacy), empty before the first DP round."""
+        from twin_core.privacy import PrivacyLedger
+
+        return PrivacyLedger.load(self.ledger_path, missing_ok=True)
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.root) / "privacy_ledger.json"
+
+    def save_ledger(self, ledger) -> None:
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        ledger.save(self.ledger_path)
 
     def save_update(self, round_key: str, site_id: str, weights: Weights, meta: dict) -> Path:
         return self.save_weights(round_key, f"updates/{site_id}.twt", weights, meta)[0]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17twin_wire/v1/site.proto\x12\x0ctwin_wire.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"_\n\rWeightsHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.twin_wire.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1e\n\x0bInfoRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"P\n\rColumnMoments\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\x13\n\x0bsum_squares\x18\x04 \x01(\x01\"\xc6\x03\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x04 \x01(\t\x12\r\n\x05units\x18\x05 \x01(\x03\x12\x16\n\x0etrain_examples\x18\x06 \x01(\x03\x12\x18\n\x10holdout_examples\x18\x07 \x01(\x03\x12,\n\x07moments\x18\x08 \x03(\x0b\x32\x1b.twin_wire.v1.ColumnMoments\x12\x36\n\x08versions\x18\t \x03(\x0b\x32$.twin_wire.v1.SiteInfo.VersionsEntry\x12\x19\n\x11\x64\x61ta_check_passed\x18\n \x01(\x08\x12\x18\n\x10\x64\x61ta_check_score\x18\x0b \x01(\x01\x12\x1a\n\x12\x64\x61ta_check_summary\x18\x0c \x01(\t\x12\x13\n\x0b\x64rift_known\x18\r \x01(\x08\x12\x15\n\rdataset_drift\x18\x0e \x01(\x08\x12\x15\n\rdrifted_share\x18\x0f \x01(\x01\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x01\n\x0bTrainConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12\x13\n\x0bproximal_mu\x18\x07 \x01(\x01\x12\x15\n\rtime_budget_s\x18\x08 \x01(\x01\x12\x0f\n\x07\x64p_clip\x18\t \x01(\x01\x12\x1e\n\x16\x64psgd_noise_multiplier\x18\n \x01(\x01\x12\x12\n\ndpsgd_clip\x18\x0b \x01(\x01\"\xa6\x01\n\x0bTrainHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.twin_wire.v1.TrainConfig\x12,\n\x07weights\x18\x05 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\"i\n\x0cTrainRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.twin_wire.v1.TrainHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"\x86\x02\n\x0cUpdateHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.twin_wire.v1.UpdateHeader.MetricsEntry\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12,\n\x07weights\x18\x07 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"h\n\nTrainReply\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.twin_wire.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"~\n\x0e\x45valuateHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x03 \x01(\t\x12,\n\x07weights\x18\x04 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\"o\n\x0f\x45valuateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.twin_wire.v1.EvaluateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"\xd3\x01\n\rEvaluateReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12?\n\nstatistics\x18\x04 \x03(\x0b\x32+.twin_wire.v1.EvaluateReply.StatisticsEntry\x12\x14\n\x0c\x65val_seconds\x18\x05 \x01(\x01\x1a\x31\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\x10\x44\x61taCheckRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"g\n\x12\x45xpectationOutcome\x12\x13\n\x0b\x65xpectation\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x1b\n\x13unexpected_fraction\x18\x04 \x01(\x01\"\x92\x01\n\x0e\x44\x61taCheckReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\r\n\x05suite\x18\x05 \x01(\t\x12\x32\n\x08outcomes\x18\x06 \x03(\x0b\x32 .twin_wire.v1.ExpectationOutcome\"\x1f\n\x0c\x44riftRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"a\n\x0c\x46\x65\x61tureDrift\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x05 \x01(\x08\"\x8b\x02\n\nDriftReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x15\n\rhas_reference\x18\x02 \x01(\x08\x12\x15\n\rdrifted_share\x18\x03 \x01(\x01\x12\x15\n\rdataset_drift\x18\x04 \x01(\x08\x12\x1d\n\x15\x64rift_share_threshold\x18\x05 \x01(\x01\x12,\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1a.twin_wire.v1.FeatureDrift\x12\x16\n\x0ereference_rows\x18\x07 \x01(\x03\x12\x14\n\x0c\x63urrent_rows\x18\x08 \x01(\x03\x12\x13\n\x0breport_html\x18\t \x01(\x0c\x12\x17\n\x0freference_round\x18\n \x01(\t2\xe2\x02\n\x0bSiteService\x12<\n\x07GetInfo\x12\x19.twin_wire.v1.InfoRequest\x1a\x16.twin_wire.v1.SiteInfo\x12\x41\n\x05Train\x12\x1a.twin_wire.v1.TrainRequest\x1a\x18.twin_wire.v1.TrainReply(\x01\x30\x01\x12H\n\x08\x45valuate\x12\x1d.twin_wire.v1.EvaluateRequest\x1a\x1b.twin_wire.v1.EvaluateReply(\x01\x12I\n\tCheckData\x12\x1e.twin_wire.v1.DataCheckRequest\x1a\x1c.twin_wire.v1.DataCheckReply\x12=\n\x05\x44rift\x12\x1a.twin_wire.v1.DriftRequest\x1a\x18.twin_wire.v1.DriftReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17twin_wire/v1/site.proto\x12\x0ctwin_wire.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"_\n\rWeightsHeader\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.twin_wire.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1e\n\x0bInfoRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"P\n\rColumnMoments\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\x13\n\x0bsum_squares\x18\x04 \x01(\x01\"\xc6\x03\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x13\n\x0bschema_json\x18\x03 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x04 \x01(\t\x12\r\n\x05units\x18\x05 \x01(\x03\x12\x16\n\x0etrain_examples\x18\x06 \x01(\x03\x12\x18\n\x10holdout_examples\x18\x07 \x01(\x03\x12,\n\x07moments\x18\x08 \x03(\x0b\x32\x1b.twin_wire.v1.ColumnMoments\x12\x36\n\x08versions\x18\t \x03(\x0b\x32$.twin_wire.v1.SiteInfo.VersionsEntry\x12\x19\n\x11\x64\x61ta_check_passed\x18\n \x01(\x08\x12\x18\n\x10\x64\x61ta_check_score\x18\x0b \x01(\x01\x12\x1a\n\x12\x64\x61ta_check_summary\x18\x0c \x01(\t\x12\x13\n\x0b\x64rift_known\x18\r \x01(\x08\x12\x15\n\rdataset_drift\x18\x0e \x01(\x08\x12\x15\n\rdrifted_share\x18\x0f \x01(\x01\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x01\n\x0bTrainConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12\x13\n\x0bproximal_mu\x18\x07 \x01(\x01\x12\x15\n\rtime_budget_s\x18\x08 \x01(\x01\x12\x0f\n\x07\x64p_clip\x18\t \x01(\x01\x12\x1e\n\x16\x64psgd_noise_multiplier\x18\n \x01(\x01\x12\x12\n\ndpsgd_clip\x18\x0b \x01(\x01\"\xd2\x01\n\x0bTrainHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x03 \x01(\t\x12)\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x19.twin_wire.v1.TrainConfig\x12,\n\x07weights\x18\x05 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\x12*\n\x07masking\x18\x06 \x01(\x0b\x32\x19.twin_wire.v1.MaskingPlan\"]\n\x0bMaskingPlan\x12\x0e\n\x06shared\x18\x01 \x03(\t\x12+\n\x08incoming\x18\x02 \x03(\x0b\x32\x19.twin_wire.v1.SealedShare\x12\x11\n\tweighting\x18\x03 \x01(\t\"i\n\x0cTrainRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.twin_wire.v1.TrainHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"\x86\x02\n\x0cUpdateHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\r\n\x05steps\x18\x04 \x01(\x03\x12\x38\n\x07metrics\x18\x05 \x03(\x0b\x32\'.twin_wire.v1.UpdateHeader.MetricsEntry\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12,\n\x07weights\x18\x07 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"h\n\nTrainReply\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.twin_wire.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"~\n\x0e\x45valuateHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x1a\n\x12schema_fingerprint\x18\x03 \x01(\t\x12,\n\x07weights\x18\x04 \x01(\x0b\x32\x1b.twin_wire.v1.WeightsHeader\"o\n\x0f\x45valuateRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.twin_wire.v1.EvaluateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.twin_wire.v1.ChunkH\x00\x42\x06\n\x04part\"\xd3\x01\n\rEvaluateReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12?\n\nstatistics\x18\x04 \x03(\x0b\x32+.twin_wire.v1.EvaluateReply.StatisticsEntry\x12\x14\n\x0c\x65val_seconds\x18\x05 \x01(\x01\x1a\x31\n\x0fStatisticsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"#\n\x10\x44\x61taCheckRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"g\n\x12\x45xpectationOutcome\x12\x13\n\x0b\x65xpectation\x18\x01 \x01(\t\x12\x0e\n\x06\x63olumn\x18\x02 \x01(\t\x12\x0f\n\x07success\x18\x03 \x01(\x08\x12\x1b\n\x13unexpected_fraction\x18\x04 \x01(\x01\"\x92\x01\n\x0e\x44\x61taCheckReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0c\n\x04rows\x18\x04 \x01(\x03\x12\r\n\x05suite\x18\x05 \x01(\t\x12\x32\n\x08outcomes\x18\x06 \x03(\x0b\x32 .twin_wire.v1.ExpectationOutcome\"\x1f\n\x0c\x44riftRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"a\n\x0c\x46\x65\x61tureDrift\x12\x0e\n\x06\x63olumn\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x0f\n\x07\x64rifted\x18\x05 \x01(\x08\"\x8b\x02\n\nDriftReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x15\n\rhas_reference\x18\x02 \x01(\x08\x12\x15\n\rdrifted_share\x18\x03 \x01(\x01\x12\x15\n\rdataset_drift\x18\x04 \x01(\x08\x12\x1d\n\x15\x64rift_share_threshold\x18\x05 \x01(\x01\x12,\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\x1a.twin_wire.v1.FeatureDrift\x12\x16\n\x0ereference_rows\x18\x07 \x01(\x03\x12\x14\n\x0c\x63urrent_rows\x18\x08 \x01(\x03\x12\x13\n\x0breport_html\x18\t \x01(\x0c\x12\x17\n\x0freference_round\x18\n \x01(\t\"\x9f\x01\n\x0e\x41\x64vertisedKeys\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x1c\n\x14self_mask_commitment\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x06 \x01(\x0c\"E\n\x0bSealedShare\x12\x11\n\tfrom_site\x18\x01 \x01(\t\x12\x0f\n\x07to_site\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"Z\n\rRevealedShare\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\x12\r\n\x05value\x18\x05 \x01(\x0c\"\x11\n\x0fSecAggAdvertise\"N\n\x0bSecAggShare\x12,\n\x06roster\x18\x01 \x03(\x0b\x32\x1c.twin_wire.v1.AdvertisedKeys\x12\x11\n\tthreshold\x18\x02 \x01(\x05\"!\n\x0cSecAggUnmask\x12\x11\n\tsurvivors\x18\x01 \x03(\t\"\xc9\x01\n\rSecAggRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12\x32\n\tadvertise\x18\x03 \x01(\x0b\x32\x1d.twin_wire.v1.SecAggAdvertiseH\x00\x12*\n\x05share\x18\x04 \x01(\x0b\x32\x19.twin_wire.v1.SecAggShareH\x00\x12,\n\x06unmask\x18\x05 \x01(\x0b\x32\x1a.twin_wire.v1.SecAggUnmaskH\x00\x42\x06\n\x04step\"\xb7\x01\n\x0bSecAggReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tround_key\x18\x02 \x01(\t\x12*\n\x04keys\x18\x03 \x01(\x0b\x32\x1c.twin_wire.v1.AdvertisedKeys\x12)\n\x06sealed\x18\x04 \x03(\x0b\x32\x19.twin_wire.v1.SealedShare\x12-\n\x08revealed\x18\x05 \x03(\x0b\x32\x1b.twin_wire.v1.RevealedShare2\xa4\x03\n\x0bSiteService\x12<\n\x07GetInfo\x12\x19.twin_wire.v1.InfoRequest\x1a\x16.twin_wire.v1.SiteInfo\x12\x41\n\x05Train\x12\x1a.twin_wire.v1.TrainRequest\x1a\x18.twin_wire.v1.TrainReply(\x01\x30\x01\x12H\n\x08\x45valuate\x12\x1d.twin_wire.v1.EvaluateRequest\x1a\x1b.twin_wire.v1.EvaluateReply(\x01\x12I\n\tCheckData\x12\x1e.twin_wire.v1.DataCheckRequest\x1a\x1c.twin_wire.v1.DataCheckReply\x12=\n\x05\x44rift\x12\x1a.twin_wire.v1.DriftRequest\x1a\x18.twin_wire.v1.DriftReply\x12@\n\x06SecAgg\x12\x1b.twin_wire.v1.SecAggRequest\x1a\x19.twin_wire.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,35 +54,53 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINCONFIG']._serialized_start=807
   _globals['_TRAINCONFIG']._serialized_end=1053
   _globals['_TRAINHEADER']._serialized_start=1056
-  _globals['_TRAINHEADER']._serialized_end=1222
-  _globals['_TRAINREQUEST']._serialized_start=1224
-  _globals['_TRAINREQUEST']._serialized_end=1329
-  _globals['_UPDATEHEADER']._serialized_start=1332
-  _globals['_UPDATEHEADER']._serialized_end=1594
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1548
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1594
-  _globals['_TRAINREPLY']._serialized_start=1596
-  _globals['_TRAINREPLY']._serialized_end=1700
-  _globals['_EVALUATEHEADER']._serialized_start=1702
-  _globals['_EVALUATEHEADER']._serialized_end=1828
-  _globals['_EVALUATEREQUEST']._serialized_start=1830
-  _globals['_EVALUATEREQUEST']._serialized_end=1941
-  _globals['_EVALUATEREPLY']._serialized_start=1944
-  _globals['_EVALUATEREPLY']._serialized_end=2155
-  _globals['_EVALUATEREPLY_STATISTICSENTRY']._serialized_start=2106
-  _globals['_EVALUATEREPLY_STATISTICSENTRY']._serialized_end=2155
-  _globals['_DATACHECKREQUEST']._serialized_start=2157
-  _globals['_DATACHECKREQUEST']._serialized_end=2192
-  _globals['_EXPECTATIONOUTCOME']._serialized_start=2194
-  _globals['_EXPECTATIONOUTCOME']._serialized_end=2297
-  _globals['_DATACHECKREPLY']._serialized_start=2300
-  _globals['_DATACHECKREPLY']._serialized_end=2446
-  _globals['_DRIFTREQUEST']._serialized_start=2448
-  _globals['_DRIFTREQUEST']._serialized_end=2479
-  _globals['_FEATUREDRIFT']._serialized_start=2481
-  _globals['_FEATUREDRIFT']._serialized_end=2578
-  _globals['_DRIFTREPLY']._serialized_start=2581
-  _globals['_DRIFTREPLY']._serialized_end=2848
-  _globals['_SITESERVICE']._serialized_start=2851
-  _globals['_SITESERVICE']._serialized_end=3205
+  _globals['_TRAINHEADER']._serialized_end=1266
+  _globals['_MASKINGPLAN']._serialized_start=1268
+  _globals['_MASKINGPLAN']._serialized_end=1361
+  _globals['_TRAINREQUEST']._serialized_start=1363
+  _globals['_TRAINREQUEST']._serialized_end=1468
+  _globals['_UPDATEHEADER']._serialized_start=1471
+  _globals['_UPDATEHEADER']._serialized_end=1733
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1687
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1733
+  _globals['_TRAINREPLY']._serialized_start=1735
+  _globals['_TRAINREPLY']._serialized_end=1839
+  _globals['_EVALUATEHEADER']._serialized_start=1841
+  _globals['_EVALUATEHEADER']._serialized_end=1967
+  _globals['_EVALUATEREQUEST']._serialized_start=1969
+  _globals['_EVALUATEREQUEST']._serialized_end=2080
+  _globals['_EVALUATEREPLY']._serialized_start=2083
+  _globals['_EVALUATEREPLY']._serialized_end=2294
+  _globals['_EVALUATEREPLY_STATISTICSENTRY']._serialized_start=2245
+  _globals['_EVALUATEREPLY_STATISTICSENTRY']._serialized_end=2294
+  _globals['_DATACHECKREQUEST']._serialized_start=2296
+  _globals['_DATACHECKREQUEST']._serialized_end=2331
+  _globals['_EXPECTATIONOUTCOME']._serialized_start=2333
+  _globals['_EXPECTATIONOUTCOME']._serialized_end=2436
+  _globals['_DATACHECKREPLY']._serialized_start=2439
+  _globals['_DATACHECKREPLY']._serialized_end=2585
+  _globals['_DRIFTREQUEST']._serialized_start=2587
+  _globals['_DRIFTREQUEST']._serialized_end=2618
+  _globals['_FEATUREDRIFT']._serialized_start=2620
+  _globals['_FEATUREDRIFT']._serialized_end=2717
+  _globals['_DRIFTREPLY']._serialized_start=2720
+  _globals['_DRIFTREPLY']._serialized_end=2987
+  _globals['_ADVERTISEDKEYS']._serialized_start=2990
+  _globals['_ADVERTISEDKEYS']._serialized_end=3149
+  _globals['_SEALEDSHARE']._serialized_start=3151
+  _globals['_SEALEDSHARE']._serialized_end=3220
+  _globals['_REVEALEDSHARE']._serialized_start=3222
+  _globals['_REVEALEDSHARE']._serialized_end=3312
+  _globals['_SECAGGADVERTISE']._serialized_start=3314
+  _globals['_SECAGGADVERTISE']._serialized_end=3331
+  _globals['_SECAGGSHARE']._serialized_start=3333
+  _globals['_SECAGGSHARE']._serialized_end=3411
+  _globals['_SECAGGUNMASK']._serialized_start=3413
+  _globals['_SECAGGUNMASK']._serialized_end=3446
+  _globals['_SECAGGREQUEST']._serialized_start=3449
+  _globals['_SECAGGREQUEST']._serialized_end=3650
+  _globals['_SECAGGREPLY']._serialized_start=3653
+  _globals['_SECAGGREPLY']._serialized_end=3836
+  _globals['_SITESERVICE']._serialized_start=3839
+  _globals['_SITESERVICE']._serialized_end=4259
 # @@protoc_insertion_point(module_scope)

@@ -120,18 +120,30 @@ class TrainConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dpsgd_noise_multiplier: _Optional[float] = ..., dpsgd_clip: _Optional[float] = ...) -> None: ...
 
 class TrainHeader(_message.Message):
-    __slots__ = ("site_id", "round_key", "schema_fingerprint", "config", "weights")
+    __slots__ = ("site_id", "round_key", "schema_fingerprint", "config", "weights", "masking")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
     SCHEMA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     round_key: str
     schema_fingerprint: str
     config: TrainConfig
     weights: WeightsHeader
-    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., weights: _Optional[_Union[WeightsHeader, _Mapping]] = ...) -> None: ...
+    masking: MaskingPlan
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., config: _Optional[_Union[TrainConfig, _Mapping]] = ..., weights: _Optional[_Union[WeightsHeader, _Mapping]] = ..., masking: _Optional[_Union[MaskingPlan, _Mapping]] = ...) -> None: ...
+
+class MaskingPlan(_message.Message):
+    __slots__ = ("shared", "incoming", "weighting")
+    SHARED_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTING_FIELD_NUMBER: _ClassVar[int]
+    shared: _containers.RepeatedScalarFieldContainer[str]
+    incoming: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    weighting: str
+    def __init__(self, shared: _Optional[_Iterable[str]] = ..., incoming: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., weighting: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -292,3 +304,89 @@ class DriftReply(_message.Message):
     report_html: bytes
     reference_round: str
     def __init__(self, site_id: _Optional[str] = ..., has_reference: _Optional[bool] = ..., drifted_share: _Optional[float] = ..., dataset_drift: _Optional[bool] = ..., drift_share_threshold: _Optional[float] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., reference_rows: _Optional[int] = ..., current_rows: _Optional[int] = ..., report_html: _Optional[bytes] = ..., reference_round: _Optional[str] = ...) -> None: ...
+
+class AdvertisedKeys(_message.Message):
+    __slots__ = ("site_id", "cipher_public_key", "mask_public_key", "self_mask_commitment", "signature", "certificate_pem")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    self_mask_commitment: bytes
+    signature: bytes
+    certificate_pem: bytes
+    def __init__(self, site_id: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., self_mask_commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("from_site", "to_site", "ciphertext")
+    FROM_SITE_FIELD_NUMBER: _ClassVar[int]
+    TO_SITE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    from_site: str
+    to_site: str
+    ciphertext: bytes
+    def __init__(self, from_site: _Optional[str] = ..., to_site: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("holder", "owner", "kind", "index", "value")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    owner: str
+    kind: str
+    index: int
+    value: bytes
+    def __init__(self, holder: _Optional[str] = ..., owner: _Optional[str] = ..., kind: _Optional[str] = ..., index: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class SecAggAdvertise(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SecAggShare(_message.Message):
+    __slots__ = ("roster", "threshold")
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    roster: _containers.RepeatedCompositeFieldContainer[AdvertisedKeys]
+    threshold: int
+    def __init__(self, roster: _Optional[_Iterable[_Union[AdvertisedKeys, _Mapping]]] = ..., threshold: _Optional[int] = ...) -> None: ...
+
+class SecAggUnmask(_message.Message):
+    __slots__ = ("survivors",)
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("site_id", "round_key", "advertise", "share", "unmask")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    advertise: SecAggAdvertise
+    share: SecAggShare
+    unmask: SecAggUnmask
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., advertise: _Optional[_Union[SecAggAdvertise, _Mapping]] = ..., share: _Optional[_Union[SecAggShare, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmask, _Mapping]] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("site_id", "round_key", "keys", "sealed", "revealed")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    REVEALED_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    round_key: str
+    keys: AdvertisedKeys
+    sealed: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    revealed: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, site_id: _Optional[str] = ..., round_key: _Optional[str] = ..., keys: _Optional[_Union[AdvertisedKeys, _Mapping]] = ..., sealed: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., revealed: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...

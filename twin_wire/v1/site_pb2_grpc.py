@@ -59,6 +59,11 @@ class SiteServiceStub:
                 request_serializer=twin__wire_dot_v1_dot_site__pb2.DriftRequest.SerializeToString,
                 response_deserializer=twin__wire_dot_v1_dot_site__pb2.DriftReply.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/twin_wire.v1.SiteService/SecAgg',
+                request_serializer=twin__wire_dot_v1_dot_site__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=twin__wire_dot_v1_dot_site__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -94,6 +99,12 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.Drift,
                     request_deserializer=twin__wire_dot_v1_dot_site__pb2.DriftRequest.FromString,
                     response_serializer=twin__wire_dot_v1_dot_site__pb2.DriftReply.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=twin__wire_dot_v1_dot_site__pb2.SecAggRequest.FromString,
+                    response_serializer=twin__wire_dot_v1_dot_site__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class SiteService:
             '/twin_wire.v1.SiteService/Drift',
             twin__wire_dot_v1_dot_site__pb2.DriftRequest.SerializeToString,
             twin__wire_dot_v1_dot_site__pb2.DriftReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twin_wire.v1.SiteService/SecAgg',
+            twin__wire_dot_v1_dot_site__pb2.SecAggRequest.SerializeToString,
+            twin__wire_dot_v1_dot_site__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,
