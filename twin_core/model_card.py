@@ -41,6 +41,7 @@ def model_card(
     review: str = "automatic",
     site_status: Mapping[str, Mapping[str, object]] | None = None,
     fitness: Mapping | None = None,
+    privacy: Mapping | None = None,
 ) -> str:
     # per-horizon figures are in the fitness section (and the round's artifacts), not here
     metric_names = sorted(
@@ -100,6 +101,8 @@ def model_card(
         ]
     if fitness:
         lines += ["", *fitness_section(fitness)]
+    if privacy:
+        lines += ["", *privacy_section(privacy)]
     if review == "manual":
         verdict = "registered as **challenger**, pending a reviewer's decision (review_job)"
     elif promoted:
@@ -174,4 +177,57 @@ def fitness_section(report: Mapping) -> list[str]:
         ]
     if not report.get("truth_known"):
         lines += ["", "No ground truth for these data: bias against the true effect is unknown."]
+    return lines
+
+
+def privacy_section(privacy: Mapping) -> list[str]:
+    """How the data behind this version was protected, and the privacy spent on it so far.
+
+    `privacy`: the round's settings (transport, secure_aggregation, dp_fedavg, dp_sgd, delta,
+    budget, campaign) and `spent`: {scope: {"epsilon": all campaigns, "campaigns": {...}}}
+    from the federation's privacy ledger."""
+    lines = [
+        "## Privacy",
+        "",
+        f"- Transport: {privacy.get('transport', 'unknown')}.",
+        "- Secure aggregation: "
+        + (
+            "on. The orchestrator saw only the sum of the sites' updates (pairwise masks, "
+            "Bonawitz et al. 2017)."
+            if privacy.get("secure_aggregation")
+            else "off. The orchestrator saw each site's update (never its rows)."
+        ),
+    ]
+    fed, sgd = privacy.get("dp_fedavg"), privacy.get("dp_sgd")
+    if fed:
+        lines.append(
+            f"- Site-level DP-FedAvg: each update clipped to L2 norm {fed['clip']:g}, Gaussian "
+            f"noise of multiplier {fed['noise_multiplier']:g} on their sum."
+        )
+    if sgd:
+        lines.append(
+            f"- Patient-level DP-SGD at every site: each patient's gradient clipped to "
+            f"{sgd['clip']:g}, noise multiplier {sgd['noise_multiplier']:g}."
+        )
+    if not fed and not sgd:
+        lines.append("- Differential privacy: off (no epsilon guarantee for this version).")
+    spent = privacy.get("spent") or {}
+    if spent:
+        delta = privacy.get("delta")
+        budget = privacy.get("budget")
+        campaign = privacy.get("campaign", "")
+        lines += [
+            "",
+            f"Epsilon spent at delta {delta:g} (Renyi-DP accountant), as of this round"
+            + (f"; budget {budget:g} per scope" if budget else "; no budget set")
+            + ":",
+            "",
+            f"| scope | epsilon, all campaigns | epsilon, campaign {campaign} |",
+            "|---|---|---|",
+            *(
+                f"| {scope} | {entry['epsilon']:.3f} | "
+                f"{entry.get('campaigns', {}).get(campaign, 0.0):.3f} |"
+                for scope, entry in sorted(spent.items())
+            ),
+        ]
     return lines

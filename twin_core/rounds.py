@@ -47,6 +47,8 @@ class RoundPlan:
     config: dict  # the round's run config, as set in the launchpad
     quality: dict[str, float] = field(default_factory=dict)  # data-check score per chosen site
     site_status: dict[str, dict] = field(default_factory=dict)  # data check and drift, per site
+    # how the round protects privacy: transport, secure aggregation, DP settings, epsilon after
+    privacy: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,16 @@ def test_dp_fedavg_adds_noise_of_the_configured_scale_and_books_it(handlers, rou
     assert abs(residual.mean()) < 4 * z * clip / np.sqrt(residual.size)
     ledger = env.store.ledger()
     assert [e.event.mechanism for e in ledger.entries] == ["dp_fedavg"]
-    assert ledger.spent("federation", 1e-5) > 0
+    epsilon = ledger.spent("federation", 1e-5)
+    assert epsilon == pytest.approx(4.7285, abs=1e-3)  # one Gaussian step, z=1, every site
+    # the governance reviewer's view: version tags and the model card
+    (version,) = env.versions()
+    assert version.tags["privacy.epsilon.federation"] == f"{epsilon:.4f}"
+    assert version.tags["privacy.dp_fedavg"] == '{"clip": 0.5, "noise_multiplier": 1.0}'
+    assert version.tags["privacy.secure_aggregation"] == "off"
+    assert version.tags["privacy.transport"] == "in-process (no network)"
+    assert "## Privacy" in version.description
+    assert f"| federation | {epsilon:.3f} | {epsilon:.3f} |" in version.description
 
 
 def test_a_round_over_the_privacy_budget_is_refused_before_it_starts(handlers, round_env, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 
 from twin_core.gates import decide_promotion
-from twin_core.model_card import model_card
+from twin_core.model_card import model_card, privacy_section
 from twin_core.monitoring import monitoring_values
 from twin_core.rounds import Candidate, RoundEvaluation, RoundPlan, RoundUpdates
 from twin_core.schema import parse_schema
@@ -73,6 +73,41 @@ def fitness_tags(twin_evaluation: dict) -> dict[str, str]:
                 tags[f"{name}_bias_vs_truth"] = f"{effect['bias']:+.4f}"
     if report.get("variance_ratio") is not None:
         tags["twin.procova_variance_ratio"] = f"{report['variance_ratio']:.4f}"
+    return tags
+
+
+def _spent(store: RoundStore, plan: RoundPlan) -> dict:
+    """Epsilon per privacy scope from the ledger (empty when no round used DP)."""
+    ledger = store.ledger()
+    if not ledger.entries:
+        return {}
+    summary = ledger.summary(plan.privacy.get("delta", 1e-5))
+    return {
+        scope: {
+            "epsilon": round(entry["epsilon"], 6),
+            "campaigns": {c: round(e, 6) for c, e in entry["campaigns"].items()},
+        }
+        for scope, entry in summary.items()
+    }
+
+
+def privacy_tags(privacy: dict) -> dict[str, str]:
+    """privacy.* version tags: what a governance reviewer filters on in the registry."""
+    tags = {
+        "privacy.transport": str(privacy.get("transport", "")),
+        "privacy.secure_aggregation": "on" if privacy.get("secure_aggregation") else "off",
+    }
+    for name in ("dp_fedavg", "dp_sgd"):
+        if privacy.get(name):
+            tags[f"privacy.{name}"] = json.dumps(privacy[name], sort_keys=True)
+    spent = privacy.get("spent") or {}
+    if spent:
+        tags["privacy.delta"] = f"{privacy.get('delta'):g}"
+        if privacy.get("budget"):
+            tags["privacy.budget"] = f"{privacy['budget']:g}"
+        for scope, entry in spent.items():
+            tags[f"privacy.epsilon.{scope}"] = f"{entry['epsilon']:.4f}"
+        tags["privacy.epsilon_max"] = f"{max(e['epsilon'] for e in spent.values()):.4f}"
     return tags
 
 
@@ -142,6 +177,8 @@ def registered_model(
         **fitness_tags(twin_evaluation),
         **governance_tags(decision, manual, config.site_regression_tolerance),
     }
+    privacy = {**round_plan.privacy, "spent": _spent(store, round_plan)}
+    lineage.update(privacy_tags(privacy))
     fitness = twin_evaluation.get("headline", {})
     registered = registry.register_round(
         round_key=key,
@@ -198,6 +235,7 @@ def registered_model(
             review="manual" if manual else "automatic",
             site_status=round_plan.site_status,
             fitness=twin_evaluation.get("report"),
+            privacy=privacy,
         ),
         promote=promote,
     )
@@ -214,5 +252,6 @@ def registered_model(
             "promoted": promote,
             "mlflow_run": dg.MetadataValue.url(registered.run_url),
             "mlflow_version": dg.MetadataValue.url(registered.version_url),
+            "privacy": dg.MetadataValue.md("\n".join(privacy_section(privacy))),
         },
     )

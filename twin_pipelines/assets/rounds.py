@@ -92,12 +92,33 @@ def round_plan(
         config.model_dump(),
         quality,
         site_status,
+        privacy_settings(config, getattr(fleet, "mode", "in-process (no network)"), privacy),
     )
     store.write_json(key, "plan.json", asdict(plan))
     metadata = plan_metadata(plan, config.seed)
-    if privacy:
-        metadata["privacy: epsilon after this round"] = dg.MetadataValue.json(privacy)
+    metadata["privacy"] = dg.MetadataValue.json(plan.privacy)
     return dg.Output(plan, metadata=metadata)
+
+
+def privacy_settings(config: RoundConfig, transport: str, epsilon_after: dict) -> dict:
+    """What protects this round's data, for the record (plan, registry tags, model card)."""
+    out: dict = {
+        "transport": transport,
+        "secure_aggregation": config.secure_aggregation,
+        "delta": config.privacy_delta,
+        "budget": config.privacy_budget or None,
+        "campaign": config.campaign,
+    }
+    if config.dp_clip > 0:
+        out["dp_fedavg"] = {"clip": config.dp_clip, "noise_multiplier": config.dp_noise_multiplier}
+    if config.dpsgd_noise_multiplier > 0:
+        out["dp_sgd"] = {
+            "clip": config.dpsgd_clip,
+            "noise_multiplier": config.dpsgd_noise_multiplier,
+        }
+    if epsilon_after:
+        out["epsilon_after_round"] = epsilon_after
+    return out
 
 
 def _check_privacy_budget(config, key, selection, infos, store) -> dict[str, float]:
