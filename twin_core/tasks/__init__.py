@@ -22,9 +22,30 @@ from twin_core.federation import ColumnMoments
 from twin_core.schema import DataSchema
 
 
+class UnitDataset(TensorDataset):
+    """A TensorDataset whose rows belong to units (a site's patients): `units[i]` is the index
+    (0..n_units - 1, in no meaningful order) of the unit row i belongs to.
+
+    The tensors are exactly a TensorDataset's, so batches and `Task.loss` are unchanged; the
+    index is only for training with a privacy unit larger than a row (`twin_core.dp_sgd`).
+    It is a position, never an identifier, and it stays at the site like the rows do.
+    """
+
+    def __init__(self, *tensors: torch.Tensor, units: torch.Tensor | np.ndarray) -> None:
+        super().__init__(*tensors)
+        units = torch.as_tensor(np.asarray(units), dtype=torch.long)
+        if units.shape != (len(self),):
+            raise ValueError(f"unit indices of shape {tuple(units.shape)} for {len(self)} rows")
+        self.units = units
+
+
 @dataclass(frozen=True)
 class PreparedData:
-    """A site's data as tensors: a training set, a task-specific holdout, and aggregates."""
+    """A site's data as tensors: a training set, a task-specific holdout, and aggregates.
+
+    `train` is a UnitDataset when a unit (patient) can own several rows; a plain TensorDataset
+    means every row is its own unit.
+    """
 
     train: TensorDataset
     holdout: Any

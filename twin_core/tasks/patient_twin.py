@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from twin_core.effects import EFFECT_STATISTICS, effect_metrics, effect_statistics
 from twin_core.federation import ColumnMoments
@@ -30,6 +29,7 @@ from twin_core.oracle import Oracle
 from twin_core.schema import DataSchema, category_codes
 from twin_core.tasks import (
     PreparedData,
+    UnitDataset,
     category_shares,
     column_moments,
     moment_stats,
@@ -142,7 +142,9 @@ class PatientTwinNet(nn.Module):
         h = (history - self.target_mean) / self.target_std * mask
         visits = torch.arange(self.horizon + 1, dtype=mask.dtype)
         last = (mask * visits).amax(dim=1).long()
-        target_onehot = nn.functional.one_hot(target_visit - 1, self.horizon).to(x.dtype)
+        # one-hot by comparison (not F.one_hot, which torch.func.vmap cannot batch; DP-SGD's
+        # per-patient gradients use vmap)
+        target_onehot = (target_visit.unsqueeze(1) == torch.arange(1, self.horizon + 1)).to(x.dtype)
         gap = (target_visit - last).to(x.dtype) / self.horizon
         summary = history_summary(h, mask, target_visit)
         site = self.standardise_context(context)
@@ -339,8 +341,7 @@ class PatientTwinTask:
     ) -> tuple[torch.Tensor, ...]:
         y = p["y"]
         observed = np.isfinite(y)
-        rows, targets = np.nonzero(observed[:, 1:])
-        targets = targets + 1
+        rows, targets = _example_rows(y)
         before = np.arange(self.horizon + 1)[None, :] < targets[:, None]
         mask = observed[rows] & before
         history = np.where(mask, np.nan_to_num(y[rows]), 0.0)
@@ -364,7 +365,10 @@ class PatientTwinTask:
         train = {k: v[~held] for k, v in p.items()}
         hold = {k: v[held] for k, v in p.items()}
         context = site_context(train["y"])
-        train_set = TensorDataset(*self._next_visit_examples(train, context))
+        # the patient (0..n-1 among those with a training row) of each row: the privacy unit
+        # of patient-level DP-SGD (twin_core/dp_sgd.py)
+        patient = np.unique(_example_rows(train["y"])[0], return_inverse=True)[1]
+        train_set = UnitDataset(*self._next_visit_examples(train, context), units=patient)
         holdout = self._holdout(hold, context)
         hold_examples = holdout.next_visit
         moments = tuple(
@@ -629,6 +633,13 @@ class PatientTwinTask:
                 max(statistics["traj_z2"] / count - mean_z**2, 0.0) / count
             )
         return out
+
+
+def _example_rows(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The next-visit examples of trajectories `y` (patients x visits, NaN where unobserved):
+    the patient (row of `y`) and target visit of each, one per observed visit after baseline."""
+    rows, targets = np.nonzero(np.isfinite(y)[:, 1:])
+    return rows, targets + 1
 
 
 def _add(out: dict[str, float], key: str, value: float) -> None:
