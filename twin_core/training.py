@@ -32,14 +32,23 @@ def train_local(
     data: TensorDataset,
     config: TrainConfig,
     correction: Mapping[str, np.ndarray] | None = None,
+    dp_secret: bytes | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Train `model` in place; return (optimiser steps, training metrics).
+
+    With `config.dpsgd_noise_multiplier > 0` this is patient-level DP-SGD
+    (`twin_core.dp_sgd.train_dp_sgd`, which `dp_secret` seeds together with `config.seed`):
+    its metrics are the DP-SGD event to account for, and no training loss.
 
     Shuffling is driven by `config.seed` alone, so the same inputs give the same weights
     (unless a time budget cuts training short, which depends on the machine). With
     `proximal_mu`, the objective adds (mu/2)||w - w_start||^2 (FedProx, Li et al., MLSys 2020).
     With `correction` (SCAFFOLD's c - c_i, by parameter name), every gradient is shifted by it.
     """
+    if config.dpsgd_noise_multiplier > 0:
+        from twin_core.dp_sgd import train_dp_sgd
+
+        return train_dp_sgd(task, model, data, config, correction, secret=dp_secret)
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     shifts = None
