@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -160,6 +161,7 @@ class SiteHandler:
             units=self.data.units,
             train_examples=self.data.train_examples,
             holdout_examples=self.data.holdout_examples,
+            train_units=self.train_units,
             moments=self.data.moments,
             versions=dict(self._versions),
             data_check_passed=quality.success,
@@ -167,6 +169,14 @@ class SiteHandler:
             data_check_summary=quality.summary(),
             drift=self._last_drift,
         )
+
+    @property
+    def train_units(self) -> int:
+        """Patients with training rows (the unit DP-SGD samples; rows where a row is a unit)."""
+        units = getattr(self.data.train, "units", None)
+        if units is None:
+            return int(self.data.train_examples)
+        return int(len(torch.unique(units)))
 
     def _refuse(self, code: str, message: str) -> SiteCallError:
         return SiteCallError(self.site_id, code, message)
@@ -218,7 +228,15 @@ class SiteHandler:
             started = time.perf_counter()
             try:
                 steps, metrics = train_local(
-                    self.task, self._model, self.data.train, config, correction
+                    self.task,
+                    self._model,
+                    self.data.train,
+                    config,
+                    correction,
+                    # DP-SGD's sampling and noise from a fresh secret of this site's: seeded
+                    # by config.seed alone, the orchestrator (which picks it) could subtract
+                    # the noise. (So DP-SGD rounds are not bit-reproducible, by design.)
+                    dp_secret=secrets.token_bytes(32),
                 )
             except ValueError as exc:
                 raise self._refuse("INVALID_ARGUMENT", str(exc)) from None

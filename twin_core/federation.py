@@ -69,6 +69,7 @@ class SiteInfo:
     data_check_score: float = 1.0
     data_check_summary: str = ""
     drift: DriftSummary | None = None  # the latest drift summary, without per-feature detail
+    train_units: int = 0  # patients in the training split (0: unknown, an older site)
 
 
 @dataclass(frozen=True, slots=True)

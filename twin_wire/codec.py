@@ -191,6 +191,7 @@ def info_to_proto(info: SiteInfo) -> pb.SiteInfo:
         drift_known=info.drift is not None,
         dataset_drift=bool(info.drift and info.drift.dataset_drift),
         drifted_share=info.drift.drifted_share if info.drift else 0.0,
+        train_units=info.train_units,
     )
 
 
@@ -211,6 +212,7 @@ def info_from_proto(msg: pb.SiteInfo) -> SiteInfo:
         drift=DriftSummary(msg.site_id, True, msg.drifted_share, msg.dataset_drift, 0.0)
         if msg.drift_known
         else None,
+        train_units=msg.train_units,
     )
 
 

@@ -159,7 +159,7 @@ def planned_privacy(config, chosen, compatible: int, infos) -> dict:
                 planned_dpsgd_event(
                     config.dpsgd_noise_multiplier,
                     config.batch_size,
-                    max(infos[site].units, 1),
+                    max(infos[site].train_units or infos[site].units, 1),
                     config.local_epochs,
                 )
             ]

@@ -53,7 +53,7 @@ class ColumnMoments(_message.Message):
     def __init__(self, column: _Optional[str] = ..., count: _Optional[float] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ...) -> None: ...
 
 class SiteInfo(_message.Message):
-    __slots__ = ("site_id", "task", "schema_json", "schema_fingerprint", "units", "train_examples", "holdout_examples", "moments", "versions", "data_check_passed", "data_check_score", "data_check_summary", "drift_known", "dataset_drift", "drifted_share")
+    __slots__ = ("site_id", "task", "schema_json", "schema_fingerprint", "units", "train_examples", "holdout_examples", "moments", "versions", "data_check_passed", "data_check_score", "data_check_summary", "drift_known", "dataset_drift", "drifted_share", "train_units")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SiteInfo(_message.Message):
     DRIFT_KNOWN_FIELD_NUMBER: _ClassVar[int]
     DATASET_DRIFT_FIELD_NUMBER: _ClassVar[int]
     DRIFTED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_UNITS_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     task: str
     schema_json: str
@@ -91,7 +92,8 @@ class SiteInfo(_message.Message):
     drift_known: bool
     dataset_drift: bool
     drifted_share: float
-    def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., data_check_passed: _Optional[bool] = ..., data_check_score: _Optional[float] = ..., data_check_summary: _Optional[str] = ..., drift_known: _Optional[bool] = ..., dataset_drift: _Optional[bool] = ..., drifted_share: _Optional[float] = ...) -> None: ...
+    train_units: int
+    def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., data_check_passed: _Optional[bool] = ..., data_check_score: _Optional[float] = ..., data_check_summary: _Optional[str] = ..., drift_known: _Optional[bool] = ..., dataset_drift: _Optional[bool] = ..., drifted_share: _Optional[float] = ..., train_units: _Optional[int] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
     __slots__ = ("local_epochs", "batch_size", "learning_rate", "seed", "weight_decay", "optimizer", "proximal_mu", "time_budget_s", "dp_clip", "dpsgd_noise_multiplier", "dpsgd_clip")
