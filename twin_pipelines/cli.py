@@ -82,6 +82,33 @@ def _mode_line(tls_dir: Path | None) -> str:
     )
 
 
+def _privacy_line(args: argparse.Namespace) -> str:
+    parts = [
+        "secure aggregation ON (the orchestrator sees only the sum of updates)"
+        if args.secure_aggregation
+        else "secure aggregation off (--secure-aggregation)",
+        f"patient-level DP-SGD ON (noise multiplier {args.dp_sgd:g}, clip 1.0"
+        + (
+            f", budget epsilon {args.privacy_budget:g} at delta 1e-5)"
+            if args.privacy_budget
+            else ")"
+        )
+        if args.dp_sgd
+        else "differential privacy off (--dp-sgd NOISE)",
+    ]
+    return "Privacy: " + "; ".join(parts) + "."
+
+
+def _spent_line(home: TwinHome, config) -> str:
+    from twin_core.privacy import PrivacyLedger
+
+    ledger = PrivacyLedger.load(home.rounds / "privacy_ledger.json", missing_ok=True)
+    spent = ", ".join(
+        f"{scope} {ledger.spent(scope, config.privacy_delta):.2f}" for scope in ledger.scopes
+    )
+    return f"Privacy spent (epsilon at delta {config.privacy_delta:g}, all campaigns): {spent}"
+
+
 def _launches(home: TwinHome, seed: int, n_sites: int, tls_dir: Path | None = None):
     from twin_pipelines.local_fleet import SiteLaunch
 
@@ -170,9 +197,14 @@ def demo(args: argparse.Namespace) -> int:
     from twin_pipelines.resources import GrpcFleet
 
     print(f"Twin Pipelines demo: embedded default under {home.root}")
+    if args.production:
+        args.tls, args.secure_aggregation = True, True
+        args.dp_sgd = args.dp_sgd or 1.0
+        args.privacy_budget = args.privacy_budget or 30.0
     site_ids = [f"site-{i}" for i in range(1, args.sites + 1)]
     tls_dir = _security(home, args.tls, site_ids)
     print(_mode_line(tls_dir))
+    print(_privacy_line(args))
     started = time.perf_counter()
     with LocalFleet(home.sites_dir) as fleet:
         endpoints = fleet.start(_launches(home, args.seed, args.sites, tls_dir))
@@ -189,7 +221,18 @@ def demo(args: argparse.Namespace) -> int:
         )
         defs = build_definitions(**resources)
         config = RoundConfig(
-            seed=args.seed, local_epochs=args.local_epochs, min_sites=args.min_sites
+            seed=args.seed,
+            local_epochs=args.local_epochs,
+            min_sites=args.min_sites,
+            secure_aggregation=args.secure_aggregation,
+            dpsgd_noise_multiplier=args.dp_sgd,
+            privacy_budget=args.privacy_budget,
+            # DP noise costs accuracy; the demo registers what the privacy allows
+            **(
+                {"regression_tolerance": 0.5, "site_regression_tolerance": 1.0}
+                if args.dp_sgd
+                else {}
+            ),
         )
         print("\n" + _ROW.format(*_COLUMNS) + "\n" + "-" * 112)
         clock = [time.perf_counter()]
@@ -210,6 +253,8 @@ def demo(args: argparse.Namespace) -> int:
         print(f"\nPooled validation loss {trend}: {losses[0]:.4f} -> {losses[-1]:.4f}")
     if results and results[-1].success and "procova_ate" in results[-1].pooled:
         print(_fitness_line(results[-1], home))
+    if args.dp_sgd:
+        print(_spent_line(home, config))
     print(f"Done in {time.perf_counter() - started:.1f} s.\n")
     print("Where to look next:")
     print(
@@ -375,6 +420,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="delete TWIN_HOME first")
     p.add_argument(
         "--tls", action="store_true", help="production mode: mutual TLS (PKI in TWIN_HOME/pki)"
+    )
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="the orchestrator sees only the sum of the sites' updates",
+    )
+    p.add_argument(
+        "--dp-sgd",
+        type=float,
+        default=0.0,
+        metavar="NOISE",
+        help="patient-level DP-SGD at every site with this noise multiplier (clip 1.0)",
+    )
+    p.add_argument(
+        "--privacy-budget",
+        type=float,
+        default=0.0,
+        metavar="EPSILON",
+        help="refuse a round that would take any site past this epsilon (delta 1e-5)",
+    )
+    p.add_argument(
+        "--production",
+        action="store_true",
+        help="all of it: --tls --secure-aggregation --dp-sgd 1.0 --privacy-budget 30",
     )
     p.add_argument("--log-level", default="WARNING", help="Dagster console log level")
     p.set_defaults(run=demo)

@@ -49,3 +49,26 @@ def test_demo_trains_registers_and_the_loss_falls(tmp_path: Path):
     ]
     assert (home / "cohort" / "truth" / "truth.csv").exists()  # ground truth kept apart
     assert (home / "mlflow" / "mlflow.db").exists() and (home / "dagster" / "dagster.yaml").exists()
+
+
+def test_demo_in_production_mode_says_so_and_spends_a_reported_budget(tmp_path: Path):
+    env = {**os.environ, "TWIN_HOME": str(tmp_path / "home")}
+    out = subprocess.run(
+        [sys.executable, "-m", "twin_pipelines", "demo", "--production", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Mode: production (mutual TLS;" in out.stdout
+    assert "secure aggregation ON" in out.stdout and "patient-level DP-SGD ON" in out.stdout
+    rows = re.findall(r"^(r\d{4})\s+5\s+0\s+.*patient-twin v\d \(\w+\)$", out.stdout, re.MULTILINE)
+    assert rows == ["r0001", "r0002"], out.stdout
+    spent = dict(
+        re.findall(r"(site-\d) ([\d.]+)", out.stdout.split("Privacy spent", 1)[1].split("\n")[0])
+    )
+    assert sorted(spent) == [f"site-{i}" for i in range(1, 6)]
+    # two rounds of 2 epochs; the smallest sites (a batch holds them all) spend the most
+    assert 0 < float(spent["site-5"]) < float(spent["site-1"]) <= 30
