@@ -209,3 +209,36 @@ def test_a_round_over_the_privacy_budget_is_refused_before_it_starts(handlers, r
         (env.store.round_dir("r0002") / "updates").iterdir()
     )
     assert len(env.store.ledger().entries) == 1
+
+
+def test_dp_sgd_spending_is_booked_per_site_and_the_budget_stops_the_next_round(
+    handlers, round_env, tmp_path
+):
+    env = round_env(InProcessFleet(handlers), tmp_path / "dpsgd")
+    config = RoundConfig(
+        min_sites=3,
+        seed=9,
+        dpsgd_noise_multiplier=1.0,
+        dpsgd_clip=1.0,
+        privacy_budget=100.0,
+        regression_tolerance=10.0,
+        site_regression_tolerance=10.0,
+    )
+    with dg.instance_for_test() as inst:
+        first = run_round(env.defs, inst, config, round_key="r0001")
+        assert first.success, first.error
+        ledger = env.store.ledger()
+        assert set(ledger.scopes) == set(SITES)
+        spent = {s: ledger.spent(s, 1e-5) for s in SITES}
+        # what the plan promised is what the sites then reported (training patients, not all)
+        plan = env.store.read_json("r0001", "plan.json")
+        for site in SITES:
+            assert plan["privacy"]["epsilon_after_round"][site] == pytest.approx(
+                spent[site], abs=1e-3
+            )
+        tight = config.model_copy(update={"privacy_budget": max(spent.values()) + 0.01})
+        second = run_round(env.defs, inst, tight, round_key="r0002")
+    assert not second.success
+    worst = max(spent, key=spent.get)
+    assert f"{worst}: epsilon {spent[worst]:.2f} spent" in second.error, second.error
+    assert len(env.store.ledger().entries) == len(SITES)  # the refused round spent nothing
