@@ -100,7 +100,9 @@ class RoundConfig(dg.Config):
     )
     privacy_delta: float = Field(default=1e-5, description="the delta of every epsilon reported")
     campaign: str = Field(
-        default="default", description="the campaign this round's privacy spending is booked to"
+        default="default",
+        description="the campaign this round's privacy spending is booked to (default: the "
+        "campaign the run belongs to, by its twin/campaign tag)",
     )
     coverage_range: list[float] = Field(
         default_factory=list,

@@ -229,6 +229,7 @@ def test_dp_sgd_spending_is_booked_per_site_and_the_budget_stops_the_next_round(
         assert first.success, first.error
         ledger = env.store.ledger()
         assert set(ledger.scopes) == set(SITES)
+        assert {e.campaign for e in ledger.entries} == {"default"}  # a lone run, no campaign
         spent = {s: ledger.spent(s, 1e-5) for s in SITES}
         # what the plan promised is what the sites then reported (training patients, not all)
         plan = env.store.read_json("r0001", "plan.json")

@@ -30,7 +30,6 @@ PRODUCTION = RoundConfig(
     dpsgd_noise_multiplier=1.0,
     dpsgd_clip=1.0,
     privacy_budget=200.0,
-    campaign="production-test",
     # the point here is the protection, not the accuracy: DP noise on four sites may well
     # undo a round's progress, which the regression gate would (rightly) refuse to register
     regression_tolerance=10.0,
@@ -108,6 +107,10 @@ def test_the_ledger_tags_and_model_card_show_the_privacy_spent(production):
     ledger = env.store.ledger()
     scopes = set(ledger.scopes)
     assert scopes == {"federation", *SITES}
+    # booked to the campaign the runs belong to (their twin/campaign tag): one, both rounds
+    (campaign,) = {e.campaign for e in ledger.entries}
+    assert campaign.startswith("inline-")
+    assert {e.round_key for e in ledger.entries} == {r.round_key for r in production["results"]}
     versions = env.versions()
     last = versions[-1]
     assert last.tags["privacy.transport"] == "production (mutual TLS)"
@@ -117,4 +120,5 @@ def test_the_ledger_tags_and_model_card_show_the_privacy_spent(production):
             ledger.spent(scope, 1e-5), abs=1e-4
         )
     assert "Secure aggregation: on" in last.description
+    assert f"epsilon, campaign {campaign}" in last.description
     assert "Patient-level DP-SGD" in last.description

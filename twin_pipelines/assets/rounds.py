@@ -92,7 +92,12 @@ def round_plan(
         config.model_dump(),
         quality,
         site_status,
-        privacy_settings(config, getattr(fleet, "mode", "in-process (no network)"), privacy),
+        privacy_settings(
+            config,
+            getattr(fleet, "mode", "in-process (no network)"),
+            privacy,
+            campaign_of(config, context.run.tags),
+        ),
     )
     store.write_json(key, "plan.json", asdict(plan))
     metadata = plan_metadata(plan, config.seed)
@@ -100,14 +105,26 @@ def round_plan(
     return dg.Output(plan, metadata=metadata)
 
 
-def privacy_settings(config: RoundConfig, transport: str, epsilon_after: dict) -> dict:
+def campaign_of(config: RoundConfig, tags: dict) -> str:
+    """The campaign a round's privacy spending is booked to: the config's, else the campaign
+    the run belongs to (its twin/campaign tag), else "default"."""
+    from twin_pipelines.sensors import CAMPAIGN_TAG
+
+    if config.campaign != "default":
+        return config.campaign
+    return tags.get(CAMPAIGN_TAG, "default")
+
+
+def privacy_settings(
+    config: RoundConfig, transport: str, epsilon_after: dict, campaign: str
+) -> dict:
     """What protects this round's data, for the record (plan, registry tags, model card)."""
     out: dict = {
         "transport": transport,
         "secure_aggregation": config.secure_aggregation,
         "delta": config.privacy_delta,
         "budget": config.privacy_budget or None,
-        "campaign": config.campaign,
+        "campaign": campaign,
     }
     if config.dp_clip > 0:
         out["dp_fedavg"] = {"clip": config.dp_clip, "noise_multiplier": config.dp_noise_multiplier}
@@ -263,7 +280,7 @@ def _secure_updates(
     return RoundUpdates(tuple(records), tuple(missing) + result.failures, str(path), result.weight)
 
 
-def _book_dpsgd(updates: RoundUpdates, key: str, config: RoundConfig, store: RoundStore) -> None:
+def _book_dpsgd(updates: RoundUpdates, key: str, campaign: str, store: RoundStore) -> None:
     """Record the DP-SGD each site reports having run (its patients' privacy is spent once
     the update has left, whatever becomes of the round)."""
     from twin_core.privacy import dpsgd_event_from_metrics
@@ -274,7 +291,7 @@ def _book_dpsgd(updates: RoundUpdates, key: str, config: RoundConfig, store: Rou
     ledger = store.ledger()
     for site_id, event in events.items():
         if event is not None:
-            ledger.record(key, config.campaign, site_id, event)
+            ledger.record(key, campaign, site_id, event)
     store.save_ledger(ledger)
 
 
@@ -356,7 +373,7 @@ def site_updates(
             timeout=config.train_timeout_s + 10,
         )
         updates = RoundUpdates.collect(results, missing)
-    _book_dpsgd(updates, round_plan.round_key, config, store)
+    _book_dpsgd(updates, round_plan.round_key, round_plan.privacy.get("campaign", "default"), store)
     if config.screen_updates:
         updates = _screen(updates, start.weights, round_plan.round_key, config, store)
     for failure in updates.failures:
@@ -407,7 +424,9 @@ def _mean_of_sum(
                 len(plan.selection.chosen),
                 max(len(plan.selection.compatible), 1),
             )
-            ledger.record(plan.round_key, config.campaign, FEDERATION, event)
+            ledger.record(
+                plan.round_key, plan.privacy.get("campaign", "default"), FEDERATION, event
+            )
             store.save_ledger(ledger)
     if not weight > 0:
         raise dg.Failure(f"round {plan.round_key}: the updates' total weight is {weight}")
