@@ -61,14 +61,23 @@ class SignFlipSite:
         return replace(update, weights=poisoned)
 
 
-def site_handlers(config: CohortConfig) -> dict:
+def site_handlers(config: CohortConfig, oracle: bool = False) -> dict:
+    """In-process sites of the cohort `config` describes; with `oracle`, each also holds the
+    generator's Bayes forecast for its patients, so evaluation reports the twin's error
+    against it (mae_h1_vs_oracle and the oracle_* statistics)."""
     from site_worker.handler import SiteHandler
+    from twin_core.oracle import Oracle
     from twin_core.schema import check_frame, parse_schema
 
     cohort = generate_cohort(config)
     schema = parse_schema(cohort_schema(config.params))
     return {
-        s.site_id: SiteHandler(s.site_id, schema, check_frame(schema, cohort.site(s.site_id)))
+        s.site_id: SiteHandler(
+            s.site_id,
+            schema,
+            check_frame(schema, cohort.site(s.site_id)),
+            oracle=Oracle.from_summary(cohort.summary, s.site_id) if oracle else None,
+        )
         for s in config.sites
     }
 
