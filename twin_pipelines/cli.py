@@ -3,7 +3,8 @@
 twin demo [--rounds 3]   cohort -> 5 local site workers -> rounds through Dagster -> MLflow
 twin ui                  site workers + MLflow UI + Dagster UI (dagster dev), until Ctrl-C
 twin cohort OUT          write the synthetic cohort (site files, truth apart, schema)
-twin experiment KIND     heterogeneity | poisoned | twin: re-runnable reports in docs/experiments
+twin experiment KIND     heterogeneity | poisoned | twin | privacy: re-runnable reports in
+                         docs/experiments
 twin pki init DIR [SITE...] / twin pki add-site DIR SITE   the federation's certificates
 """
 
@@ -378,6 +379,15 @@ def experiment(args: argparse.Namespace) -> int:
         from twin_pipelines.twin_experiment import write_report as write_twin_report
 
         path = write_twin_report(args.seeds, args.rounds or 15, args.local_epochs, Path(args.out))
+    elif args.kind == "privacy":
+        from twin_pipelines.privacy_experiment import write_report as write_privacy_report
+
+        print(f"The cost of privacy: {args.rounds or 8} rounds per arm, seed {args.seed}")
+        path = write_privacy_report(
+            args.rounds or 8, args.seed, Path(args.out), echo=lambda line: print(line, flush=True)
+        )
+        print(f"\nwritten: {path} and {path.with_suffix('.png')}")
+        return 0
     else:
         from twin_pipelines.experiments import write_report
 
@@ -467,11 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser(
         "experiment",
         help="write a markdown + PNG report: strategies under heterogeneity or a poisoned "
-        "site, or the twin trained central / federated / local against the oracle",
+        "site, the twin trained central / federated / local against the oracle, or the cost "
+        "of secure aggregation and differential privacy",
     )
-    p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin"])
+    p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin", "privacy"])
     p.add_argument("--rounds", type=int, help="rounds per campaign (default 8; twin: 15)")
-    p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned: the seed")
+    p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned, privacy: the seed")
     p.add_argument("--seeds", type=int, default=20, help="twin: seeds 0..N-1")
     p.add_argument("--local-epochs", type=int, default=2, help="twin: epochs per round")
     p.add_argument("--out", default="docs/experiments")
