@@ -205,7 +205,11 @@ class SiteHandler:
         """Train from `weights`; return the trained weights, or under secure aggregation
         (`masking`) only the masked, weighted update. With `config.dp_clip` the update
         (trained minus start) is clipped to that L2 norm before it leaves."""
-        if config.local_epochs < 0 or config.batch_size < 1 or not config.learning_rate > 0:
+        if (
+            min(config.local_epochs, config.local_steps) < 0
+            or config.batch_size < 1
+            or not config.learning_rate > 0
+        ):
             raise self._refuse("INVALID_ARGUMENT", f"unusable training config {config}")
         with self._lock:
             quality = self.check_data()
@@ -294,7 +298,10 @@ class SiteHandler:
                 weight = 1.0
             else:
                 planned = planned_steps(
-                    config.local_epochs, config.batch_size, self.data.train_examples
+                    config.local_epochs,
+                    config.batch_size,
+                    self.data.train_examples,
+                    config.local_steps,
                 )
                 done = min(1.0, steps / planned) if planned > 0 else 1.0
                 weight = float(self.data.train_examples) * done

@@ -220,8 +220,9 @@ def train_dp_sgd(
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        for _ in range(config.local_epochs if n_patients else 0):
-            for _ in range(steps_per_epoch):
+        target = config.local_steps or config.local_epochs * steps_per_epoch
+        for _ in range(math.ceil(target / steps_per_epoch) if n_patients else 0):
+            for _ in range(min(steps_per_epoch, target - steps)):
                 chosen = sample_patients(generator, n_patients, q)
                 take = chosen[units]
                 local = (torch.cumsum(chosen.long(), 0) - 1)[units[take]]

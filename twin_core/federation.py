@@ -90,6 +90,10 @@ class TrainConfig:
     # noise of dpsgd_noise_multiplier * dpsgd_clip added to every step's sum. 0: off
     dpsgd_noise_multiplier: float = 0.0
     dpsgd_clip: float = 1.0
+    # optimiser steps per round instead of epochs (0: local_epochs epochs). Equal steps at every
+    # site keep large sites from drifting further than small ones each round (FedAvg's
+    # objective then weighs sites by examples, not by examples x their steps)
+    local_steps: int = 0
 
 
 @dataclass(frozen=True)

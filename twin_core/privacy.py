@@ -124,14 +124,16 @@ class DpEvent:
 
 
 def planned_dpsgd_event(
-    noise_multiplier: float, batch_size: int, n_patients: int, epochs: int
+    noise_multiplier: float, batch_size: int, n_patients: int, epochs: int, local_steps: int = 0
 ) -> DpEvent:
-    """What `epochs` epochs of patient-level DP-SGD at a site will spend: Poisson rate
-    q = min(1, batch_size / n_patients), ceil(1 / q) steps per epoch (as `dp_sgd` runs)."""
+    """What `epochs` epochs (or `local_steps` steps) of patient-level DP-SGD at a site will
+    spend: Poisson rate q = min(1, batch_size / n_patients), ceil(1 / q) steps per epoch (as
+    `dp_sgd` runs)."""
     if batch_size < 1 or n_patients < 1:
         raise ValueError(f"need batch_size >= 1 and n_patients >= 1: {batch_size}, {n_patients}")
     q = min(1.0, batch_size / n_patients)
-    return DpEvent("dp_sgd", float(noise_multiplier), q, int(epochs) * math.ceil(1 / q))
+    steps = local_steps if local_steps > 0 else int(epochs) * math.ceil(1 / q)
+    return DpEvent("dp_sgd", float(noise_multiplier), q, steps)
 
 
 def planned_fedavg_event(noise_multiplier: float, sites_chosen: int, sites_total: int) -> DpEvent:

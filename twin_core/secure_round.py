@@ -40,7 +40,9 @@ def site_weight(update: SiteUpdate, config: TrainConfig, weighting: str) -> floa
     FedAvg weight: examples x the share of planned steps done; 1 when uniform or under DP)."""
     if weighting == "uniform" or config.dp_clip > 0:
         return 1.0
-    planned = planned_steps(config.local_epochs, config.batch_size, update.num_examples)
+    planned = planned_steps(
+        config.local_epochs, config.batch_size, update.num_examples, config.local_steps
+    )
     done = min(1.0, update.steps / planned) if planned > 0 else 1.0
     return float(update.num_examples) * done
 

@@ -87,7 +87,10 @@ class Strategy:
         return base * site.quality if self.name == "fedavg_quality" else base
 
 
-def planned_steps(local_epochs: int, batch_size: int, examples: int) -> int:
+def planned_steps(local_epochs: int, batch_size: int, examples: int, local_steps: int = 0) -> int:
+    """The optimiser steps a site was asked for: local_steps, or local_epochs epochs."""
+    if local_steps > 0:
+        return local_steps
     return local_epochs * math.ceil(examples / batch_size) if batch_size > 0 else 0
 
 

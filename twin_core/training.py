@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -75,10 +76,15 @@ def train_local(
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        for _ in range(config.local_epochs):
+        per_epoch = math.ceil(n / config.batch_size) if n else 0
+        target = config.local_steps or config.local_epochs * per_epoch
+        epochs = math.ceil(target / per_epoch) if per_epoch else 0
+        for _ in range(epochs):
             order = torch.randperm(n, generator=generator)
             total, seen = 0.0, 0
             for start in range(0, n, config.batch_size):
+                if steps >= target:
+                    break
                 idx = order[start : start + config.batch_size]
                 loss = task.loss(model, tuple(t[idx] for t in data.tensors))
                 objective = loss

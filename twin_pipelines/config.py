@@ -35,6 +35,11 @@ class RoundConfig(dg.Config):
     server_beta2: float = Field(default=0.99, description="server second moment")
     server_tau: float = Field(default=1e-3, description="server adaptivity")
     local_epochs: int = Field(default=2, description="epochs of local training per round")
+    local_steps: int = Field(
+        default=0,
+        description="optimiser steps of local training per round instead of epochs (0: use "
+        "local_epochs); equal steps keep large sites from drifting further than small ones",
+    )
     batch_size: int = 64
     learning_rate: float = 1e-3
     optimizer: str = Field(default="adam", description="adam or sgd")
@@ -134,8 +139,10 @@ class RoundConfig(dg.Config):
             out.append("trim_fraction must be in [0, 0.5), krum_f >= 0 and krum_m >= 1")
         if self.optimizer not in ("adam", "sgd"):
             out.append(f"unknown optimizer {self.optimizer!r} (choose adam or sgd)")
-        if self.local_epochs < 0 or self.batch_size < 1 or not self.learning_rate > 0:
-            out.append("local_epochs >= 0, batch_size >= 1 and learning_rate > 0 are required")
+        if min(self.local_epochs, self.local_steps) < 0 or self.batch_size < 1:
+            out.append("local_epochs >= 0, local_steps >= 0 and batch_size >= 1 are required")
+        if not self.learning_rate > 0:
+            out.append("learning_rate > 0 is required")
         if min(self.info_timeout_s, self.train_timeout_s, self.eval_timeout_s) <= 0:
             out.append("timeouts must be positive")
         if self.promotion not in ("automatic", "manual"):
@@ -222,6 +229,7 @@ class RoundConfig(dg.Config):
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(
             local_epochs=self.local_epochs,
+            local_steps=self.local_steps,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             seed=seed,

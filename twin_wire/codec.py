@@ -142,6 +142,7 @@ def _read_weight_stream(messages: Iterator, header_field: str) -> tuple[object, 
 def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
     return pb.TrainConfig(
         local_epochs=config.local_epochs,
+        local_steps=config.local_steps,
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         seed=config.seed,
@@ -158,6 +159,7 @@ def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
 def config_from_proto(msg: pb.TrainConfig) -> TrainConfig:
     return TrainConfig(
         local_epochs=msg.local_epochs,
+        local_steps=msg.local_steps,
         batch_size=msg.batch_size,
         learning_rate=msg.learning_rate,
         seed=msg.seed,

@@ -359,3 +359,11 @@ def test_a_tabular_row_is_its_own_unit():
     data = task_for(schema).prepare(check_frame(schema, frame), 0.2, 0).train
     assert not isinstance(data, UnitDataset)
     assert torch.equal(row_units(data), torch.arange(len(data)))
+
+
+def test_local_steps_under_dp_sgd_are_what_the_plan_books():
+    data, *_ = _toy()
+    config = _config(batch_size=3, learning_rate=0.1, dpsgd_noise_multiplier=0.8, local_steps=5)
+    steps, metrics = train_local(Squares(), _linear(3), data, config)
+    assert steps == 5
+    assert dpsgd_event_from_metrics(metrics) == planned_dpsgd_event(0.8, 3, 6, 1, local_steps=5)

@@ -48,3 +48,19 @@ def test_scaffold_correction_shifts_every_gradient_by_hand():
     # correction c - c_i = 0.5: w1 = 0 - 0.1 * (-4 + 0.5) = 0.35;
     # w2 = 0.35 - 0.1 * (2(0.35 - 2) + 0.5) = 0.63
     assert _train(correction={"weight": [[0.5]]}) == pytest.approx(0.63)
+
+
+def test_local_steps_replace_epochs_and_cross_epoch_boundaries():
+    """Five rows, batch 2: an epoch is 3 steps. local_steps=4 takes one epoch and one step of
+    the next; local_steps=2 stops inside the first; 0 keeps local_epochs."""
+    data = TensorDataset(torch.ones(5, 1), torch.full((5,), 2.0))
+
+    def run(**config):
+        model = torch.nn.Linear(1, 1, bias=False)
+        settings = TrainConfig(batch_size=2, learning_rate=0.01, optimizer="sgd", **config)
+        return train_local(Squares(), model, data, settings)[0]
+
+    assert run(local_epochs=2, local_steps=4) == 4
+    assert run(local_epochs=2, local_steps=2) == 2
+    assert run(local_epochs=2) == 6
+    assert run(local_epochs=0, local_steps=7) == 7

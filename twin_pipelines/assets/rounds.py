@@ -178,6 +178,7 @@ def planned_privacy(config, chosen, compatible: int, infos) -> dict:
                     config.batch_size,
                     max(infos[site].train_units or infos[site].units, 1),
                     config.local_epochs,
+                    config.local_steps,
                 )
             ]
     return planned
@@ -480,7 +481,9 @@ def global_model(
                     u.site_id,
                     u.num_examples,
                     u.steps,
-                    planned_steps(config.local_epochs, config.batch_size, u.num_examples),
+                    planned_steps(
+                        config.local_epochs, config.batch_size, u.num_examples, config.local_steps
+                    ),
                     round_plan.quality.get(u.site_id, 1.0),
                 ),
                 store.load(u.path).weights,
