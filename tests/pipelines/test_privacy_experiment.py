@@ -42,6 +42,10 @@ def test_dp_sgd_spends_epsilon_at_every_site_the_largest_site_the_least(experime
     # site-1 and site-3 (q ~ 0.5, twice the steps) there is no order: both spend about as much.
     small, middle, large = (dp.epsilon[s] for s in ("site-1", "site-3", "site-5"))
     assert small > 2 * large and middle > 2 * large, dp.epsilon
+    # per-patient clipping and noise touch the gradients only: the standardisation buffers,
+    # which no plain round changes either, stay exactly as they are
+    assert {"numeric_mean", "numeric_std", "target_mean", "target_std"} <= set(experiment.frozen)
+    assert dp.frozen_drift == 0.0
     # the noise costs accuracy, but the twin still forecasts (finite, gates relaxed)
     assert math.isfinite(dp.final["mae_h1"]) and dp.final["mae_h1_vs_oracle"] > 0
 
@@ -59,6 +63,7 @@ def test_figures_are_finite_and_times_relative_to_plain(experiment):
     # the one-ulp control ran beside plain FedAvg, and the model size was counted
     assert experiment.control_site == "site-5" and len(experiment.control) == 2
     assert all(0 <= d < 1e-3 for d in experiment.control), experiment.control
+    assert len(experiment.secure_vs_control) == 2
     assert experiment.model_values > 0
     for row in experiment.bench:
         assert row.sites == px.BENCH_SITES
