@@ -681,8 +681,8 @@ def report_lines(experiment: PrivacyExperiment, command: str) -> list[str]:
     lines = [
         "# The cost of privacy: secure aggregation, DP-SGD and DP-FedAvg",
         "",
-        "![pooled loss per round, epsilon per scope, secure aggregation micro-benchmark]"
-        "(privacy.png)",
+        "![pooled loss per round, the model against plain FedAvg's, epsilon per scope, "
+        "secure aggregation micro-benchmark](privacy.png)",
         "",
         f"One campaign of {s['rounds']} rounds ({s['local_epochs']} local epochs each) per arm "
         f"on the default synthetic cohort ({n_sites} sites, seed {s['seed']}), every round a "
