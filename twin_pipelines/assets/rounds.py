@@ -387,6 +387,14 @@ def site_updates(
     yield check_result(gate, description)
 
 
+def _parameter_names(plan: RoundPlan) -> set[str]:
+    """The names of the model's learnt parameters (not its buffers)."""
+    from twin_core.tasks import task_for
+
+    model = task_for(parse_schema(plan.schema)).build_model(plan.moments, 0)
+    return {name for name, _ in model.named_parameters()}
+
+
 def _mean_of_sum(
     plan: RoundPlan, updates: RoundUpdates, config: RoundConfig, start: Weights, store: RoundStore
 ) -> tuple[Weights, dict]:
@@ -416,8 +424,13 @@ def _mean_of_sum(
         facts["dp_clip"] = config.dp_clip
         if config.dp_noise_multiplier > 0:
             std = config.dp_noise_multiplier * config.dp_clip
-            noise = gaussian_noise(total, std, secrets.randbits(128))
-            total = {k: total[k] + noise[k] for k in total}
+            # on the learnt parameters only: buffers (the standardisation moments) never
+            # change in training, reveal nothing, and noise there would only damage the model
+            learnt = _parameter_names(plan)
+            noise = gaussian_noise(
+                {k: v for k, v in total.items() if k in learnt}, std, secrets.randbits(128)
+            )
+            total = {k: total[k] + noise.get(k, 0.0) for k in total}
             facts.update(dp_noise_std=std, dp_noise_multiplier=config.dp_noise_multiplier)
             ledger = store.ledger()
             event = planned_fedavg_event(
