@@ -574,11 +574,10 @@ def dp_fedavg_lines(experiment: PrivacyExperiment) -> list[str]:
                 if not b.settings.get("dp_noise_multiplier") and math.isfinite(b.frozen_drift)
             ]
             line += (
-                f" The noise is added to every floating-point tensor, the ones no plain round "
-                f"changes included ({', '.join(experiment.frozen)}: the standardisation, fixed "
-                f"from the pooled moments): they moved by up to {a.frozen_drift:.1%} of their "
-                "value (in the other arms by at most "
-                f"{max(others, default=0.0):.1%}), part of this arm's accuracy cost."
+                " The noise goes on the learnt parameters only: the tensors no round changes "
+                f"({', '.join(experiment.frozen)}: the standardisation, fixed from the pooled "
+                f"moments) moved by {a.frozen_drift:.1%} of their value (the other arms: at most "
+                f"{max(others, default=0.0):.1%})."
             )
         out.append(line)
     return out
