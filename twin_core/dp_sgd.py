@@ -189,22 +189,10 @@ def train_dp_sgd(
         raise ValueError("DP-SGD cannot train a model with batch normalisation")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    shifts = None
-    if correction is not None:
-        lookup = dict(named)
-        shifts = [
-            (lookup[k], torch.from_numpy(np.asarray(v, np.float32)))
-            for k, v in correction.items()
-            if k in lookup
-        ]
-    if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-    elif config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r} (choose adam or sgd)")
+    from twin_core.training import correction_shifts, optimizer_for
+
+    shifts = correction_shifts(model, correction)
+    opt = optimizer_for(params, config)
 
     units = row_units(data)
     n_patients = int(units.max()) + 1 if len(units) else 0

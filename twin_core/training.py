@@ -27,6 +27,27 @@ def load_weights_into(model: torch.nn.Module, weights: Mapping[str, np.ndarray])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
 
 
+def optimizer_for(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimiser a round config asks for (adam or sgd), over `params`."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {config.optimizer!r} (choose adam or sgd)")
+
+
+def correction_shifts(model: torch.nn.Module, correction: Mapping[str, np.ndarray] | None):
+    """SCAFFOLD's c - c_i as (parameter, shift) pairs, by parameter name (None without)."""
+    if correction is None:
+        return None
+    named = dict(model.named_parameters())
+    return [
+        (named[k], torch.from_numpy(np.asarray(v, np.float32)))
+        for k, v in correction.items()
+        if k in named
+    ]
+
+
 def train_local(
     task: Task,
     model: torch.nn.Module,
@@ -52,22 +73,8 @@ def train_local(
         return train_dp_sgd(task, model, data, config, correction, secret=dp_secret)
     generator = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    shifts = None
-    if correction is not None:
-        named = dict(model.named_parameters())
-        shifts = [
-            (named[k], torch.from_numpy(np.asarray(v, np.float32)))
-            for k, v in correction.items()
-            if k in named
-        ]
-    if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-    elif config.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r} (choose adam or sgd)")
+    shifts = correction_shifts(model, correction)
+    opt = optimizer_for(params, config)
     n = len(data)
     steps, last_epoch_loss = 0, float("nan")
     # FedProx: the global weights this round started from, fixed during local training
