@@ -86,7 +86,7 @@ def _mode_line(tls_dir: Path | None) -> str:
 def _privacy_line(args: argparse.Namespace) -> str:
     parts = [
         "secure aggregation ON (the orchestrator sees only the sum of updates)"
-        if args.secure_aggregation
+        if args.secure_aggregation or args.tls
         else "secure aggregation off (--secure-aggregation)",
         f"patient-level DP-SGD ON (noise multiplier {args.dp_sgd:g}, clip 1.0"
         + (
@@ -225,7 +225,8 @@ def demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             local_epochs=args.local_epochs,
             min_sites=args.min_sites,
-            secure_aggregation=args.secure_aggregation,
+            # unset: on in production mode (mutual TLS), off in local/dev mode
+            secure_aggregation=True if args.secure_aggregation else None,
             dpsgd_noise_multiplier=args.dp_sgd,
             privacy_budget=args.privacy_budget,
             # DP noise costs accuracy; the demo registers what the privacy allows
@@ -378,7 +379,14 @@ def experiment(args: argparse.Namespace) -> int:
     if args.kind == "twin":
         from twin_pipelines.twin_experiment import write_report as write_twin_report
 
-        path = write_twin_report(args.seeds, args.rounds or 15, args.local_epochs, Path(args.out))
+        path = write_twin_report(
+            args.seeds,
+            args.rounds or 30,
+            args.local_epochs,
+            Path(args.out),
+            local_steps=args.local_steps,
+            epochs=args.epochs,
+        )
     elif args.kind == "privacy":
         from twin_pipelines.privacy_experiment import write_report as write_privacy_report
 
@@ -481,10 +489,18 @@ def main(argv: list[str] | None = None) -> int:
         "of secure aggregation and differential privacy",
     )
     p.add_argument("kind", choices=["heterogeneity", "poisoned", "twin", "privacy"])
-    p.add_argument("--rounds", type=int, help="rounds per campaign (default 8; twin: 15)")
+    p.add_argument("--rounds", type=int, help="rounds per campaign (default 8; twin: 30)")
     p.add_argument("--seed", type=int, default=7, help="heterogeneity, poisoned, privacy: the seed")
     p.add_argument("--seeds", type=int, default=20, help="twin: seeds 0..N-1")
-    p.add_argument("--local-epochs", type=int, default=2, help="twin: epochs per round")
+    p.add_argument(
+        "--local-epochs", type=int, default=2, help="twin: epochs per round (--local-steps 0)"
+    )
+    p.add_argument(
+        "--local-steps", type=int, default=20, help="twin: Adam steps per round at every site"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=30, help="twin: epochs of the central and local-only arms"
+    )
     p.add_argument("--out", default="docs/experiments")
     p.set_defaults(run=experiment)
     args = parser.parse_args(argv)

@@ -76,10 +76,11 @@ class RoundConfig(dg.Config):
         default=0.02,
         description="relative worsening of pooled loss vs. the champion that still passes",
     )
-    secure_aggregation: bool = Field(
-        default=False,
+    secure_aggregation: bool | None = Field(
+        default=None,
         description="pairwise-masked secure aggregation: the orchestrator sees only the sum of "
-        "the sites' updates (fedavg, fedavg_uniform and the server optimisers only)",
+        "the sites' updates (fedavg, fedavg_uniform and the server optimisers only). Unset: on "
+        "in production mode (mutual TLS), off in local/dev mode",
     )
     secagg_threshold: int = Field(
         default=0,
@@ -172,6 +173,12 @@ class RoundConfig(dg.Config):
             out.append(
                 f"strategy {self.strategy} cannot run here: {' and '.join(hides)}; choose "
                 f"{', '.join(SUMMABLE)}, or turn those off"
+                + (
+                    " (secure aggregation is on by default in production mode: set "
+                    "secure_aggregation: false to run it)"
+                    if self.secure_aggregation
+                    else ""
+                )
             )
         if hides and self.screen_updates:
             out.append(f"screen_updates needs each site's update: {' and '.join(hides)}")
@@ -197,6 +204,13 @@ class RoundConfig(dg.Config):
                 "dp_noise_multiplier with dp_clip, or dpsgd_noise_multiplier)"
             )
         return out
+
+    def for_fleet(self, production: bool) -> RoundConfig:
+        """This config with its defaults that depend on the fleet settled: secure
+        aggregation, unless set, is on in production mode (mutual TLS)."""
+        if self.secure_aggregation is not None:
+            return self
+        return self.model_copy(update={"secure_aggregation": production})
 
     def strategy_params(self) -> dict:
         """The settings that shape this round's strategy (recorded on the registered version)."""

@@ -66,7 +66,10 @@ def twin_campaign(cohort_dir: Path, mlflow_uri, tmp_path_factory):
         workers.start(launches)
         fleet = RecordingFleet(endpoints=_endpoints(workers), tls_dir=str(tmp / "pki"))
         env = _env(fleet, tmp, mlflow_uri, "integration-twin")
-        results = run_campaign(env.defs, instance, 2, RoundConfig(min_sites=4))
+        # plain FedAvg over mutual TLS, so the weight streams can be audited tensor by tensor
+        # (production mode's default, secure aggregation: tests/pipelines/test_production_mode.py)
+        plain = RoundConfig(min_sites=4, secure_aggregation=False)
+        results = run_campaign(env.defs, instance, 2, plain)
         monitoring = env.defs.resolve_job_def("monitoring_job").execute_in_process(
             instance=instance
         )
@@ -310,6 +313,39 @@ def _tabular_sites(folder: Path) -> Path:
             }
         ).to_csv(folder / f"hospital-{i}.csv", index=False)
     return folder
+
+
+def test_a_site_killed_mid_round_under_secure_aggregation(mlflow_uri, tmp_path: Path):
+    """A worker process dies while training, after it shared its mask seeds: the others' pair
+    masks with it are removed through their shares, and the sum of the two survivors is the
+    plain FedAvg of the two."""
+    launches = [SiteLaunch(s, synthetic=True) for s in ("site-1", "site-2", "site-3")]
+    with LocalFleet(tmp_path / "sites") as workers, dg.instance_for_test() as instance:
+        workers.start(launches)
+        env = _env(
+            GrpcFleet(endpoints=_endpoints(workers), insecure=True),
+            tmp_path,
+            mlflow_uri,
+            "killed-site-secagg",
+        )
+        slow = RoundConfig(min_sites=2, local_epochs=60, info_timeout_s=5, secure_aggregation=True)
+        key = next_round_key(instance)
+        watcher = _kill_when_training(workers, "site-3", key)
+        result = run_round(env.defs, instance, slow)
+        watcher.join(timeout=5)
+    assert result.success, result.error
+    assert result.sites == ("site-1", "site-2") and result.failed_sites == ("site-3",)
+    shared = env.store.read_json(key, "plan.json")["config"]
+    assert shared["secure_aggregation"] is True
+    from twin_core.weights import load_weights
+
+    secure_sum = load_weights(env.store.round_dir(key) / "secure_sum.twt")
+    assert secure_sum.meta["sites"] == ["site-1", "site-2"]
+    stored = sorted(p.stem for p in (env.store.round_dir(key) / "updates").glob("*.twt"))
+    assert stored == ["site-1", "site-2"]
+    for site in stored:
+        masked = load_weights(env.store.round_dir(key) / "updates" / f"{site}.twt").weights
+        assert list(masked) == ["secagg.masked"]
 
 
 def test_tabular_task_runs_through_the_same_pipeline(mlflow_uri, tmp_path: Path):

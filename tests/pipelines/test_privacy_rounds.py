@@ -247,3 +247,13 @@ def test_dp_sgd_spending_is_booked_per_site_and_the_budget_stops_the_next_round(
     worst = max(spent, key=spent.get)
     assert f"{worst}: epsilon {spent[worst]:.2f} spent" in second.error, second.error
     assert len(env.store.ledger().entries) == len(SITES)  # the refused round spent nothing
+
+
+def test_secure_aggregation_is_on_by_default_in_production_mode_only():
+    assert RoundConfig().for_fleet(production=True).secure_aggregation is True
+    assert RoundConfig().for_fleet(production=False).secure_aggregation is False
+    assert RoundConfig(secure_aggregation=False).for_fleet(True).secure_aggregation is False
+    # a robust strategy in production mode must say so explicitly
+    problems = " ".join(RoundConfig(strategy="median").for_fleet(True).problems())
+    assert "set secure_aggregation: false to run it" in problems
+    assert not RoundConfig(strategy="median", secure_aggregation=False).for_fleet(True).problems()

@@ -24,7 +24,7 @@ from twin_wire.v1 import site_pb2 as pb
 pytestmark = pytest.mark.integration
 PRODUCTION = RoundConfig(
     min_sites=3,
-    secure_aggregation=True,
+    # secure aggregation unset: production mode (mutual TLS) turns it on
     dp_clip=2.0,
     dp_noise_multiplier=0.3,
     dpsgd_noise_multiplier=1.0,

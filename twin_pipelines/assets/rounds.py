@@ -39,6 +39,7 @@ def round_plan(
 ) -> dg.Output[RoundPlan]:
     """Ask every site for its info, choose the healthy ones, fix the model the round starts from."""
     key = context.partition_key
+    config = config.for_fleet(production=bool(getattr(fleet, "tls_dir", "")))
     if problems := config.problems():
         raise dg.Failure(f"invalid round config: {'; '.join(problems)}")
     answers = run_on_sites(
