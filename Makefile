@@ -1,4 +1,5 @@
 # Twin Pipelines: every target creates the virtual environment and installs on its own.
+# make bench BENCH_ARGS=--quick: the benchmarks at tiny sizes (a smoke run, as CI's test does).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
@@ -11,7 +12,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK := true
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo test ui lint fmt protos protos-check clean
+.PHONY: venv demo test bench ui lint fmt protos protos-check clean
 
 venv: $(STAMP)
 
@@ -27,6 +28,9 @@ demo: $(STAMP)            ## run the main job: cohort, 5 local site workers, 3 r
 
 test: $(STAMP) protos-check   ## the whole test suite
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)           ## benchmarks: one table, figures beside limits measured in the same run
+	GRPC_VERBOSITY=NONE $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 ui: $(STAMP)              ## site workers + MLflow UI (:5000) + Dagster UI (:3000)
 	$(BIN)/twin ui

@@ -1,0 +1,144 @@
+"""Benchmark 1: aggregation throughput, in GB/s of update bytes read.
+
+The subject is the pipeline's own path: updates persisted as .twt files by the RoundStore
+(`save_update`, as `site_updates` does), then, as `global_model` does, loaded one at a time in
+sorted site order (`RoundStore.load`: memory-mapped, SHA-256 checked) and folded into the
+FedAvg weighted mean (`twin_core.strategies.aggregate`, i.e. `WeightedMean`), up to the
+candidate's arrays. The baseline is a plain numpy copy (`np.copyto`) of the same bytes from
+the same files into a model-sized buffer. Peak memory is measured on one extra, untimed pass.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.harness import PeakMemory, Result, Target, interleaved, mb, median
+
+ORDER = 1
+TITLE = "aggregation throughput"
+TARGET = Target("ratio", ">=", 0.5)
+FULL = ((10, 1_000_000), (100, 1_000_000), (10, 10_000_000), (100, 10_000_000))
+QUICK = ((3, 20_000), (6, 50_000))
+
+
+def model_of(params: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """`params` float32 parameters in a few tensors shaped like an MLP's."""
+    first = params // 2 // 256 * 256
+    second = params // 4 // 128 * 128
+    rest = params - first - second - 256
+    sizes = {
+        "layers.0.weight": (first // 256, 256),
+        "layers.0.bias": (256,),
+        "layers.1.weight": (second // 128, 128),
+        "head.weight": (rest,),
+    }
+    rng = np.random.default_rng(seed)
+    return {
+        name: rng.standard_normal(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+        for name, shape in sizes.items()
+    }
+
+
+def _label(n: int, params: int) -> str:
+    size = f"{params // 1_000_000} M" if params >= 1_000_000 else f"{params // 1000} k"
+    return f"aggregation, {n} updates x {size} params"
+
+
+def _case(n: int, params: int, repeats: int, root: Path) -> Result:
+    from twin_core.strategies import SiteContribution, Strategy, aggregate, planned_steps
+    from twin_core.weights import load_weights
+    from twin_pipelines.resources.store import RoundStore
+
+    store = RoundStore(root=str(root))
+    start = model_of(params)
+    model_bytes = sum(a.nbytes for a in start.values())
+    sites = [f"site-{i:03d}" for i in range(n)]
+    paths = {}
+    examples = {s: 100 + 7 * i for i, s in enumerate(sites)}
+    for i, site in enumerate(sites):
+        update = {k: v + np.float32(0.001 * (i + 1)) for k, v in start.items()}
+        paths[site] = store.save_update("r0001", site, update, {"num_examples": examples[site]})
+    strategy = Strategy("fedavg")
+
+    def subject() -> dict:
+        # twin_pipelines.assets.rounds.global_model, FedAvg branch
+        updates_in = (
+            (
+                SiteContribution(s, examples[s], 10, planned_steps(1, 32, examples[s], 10)),
+                store.load(paths[s]).weights,
+            )
+            for s in sorted(sites)
+        )
+        weights, _, _ = aggregate(strategy, start, updates_in, None, total_sites=n)
+        return weights
+
+    body_bytes = {s: os.path.getsize(p) - model_bytes for s, p in paths.items()}
+    scratch = np.empty(model_bytes, dtype=np.uint8)
+
+    def baseline() -> None:
+        for s in sorted(sites):
+            with open(paths[s], "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            body = np.frombuffer(mapped, dtype=np.uint8, count=model_bytes, offset=body_bytes[s])
+            np.copyto(scratch, body)
+            del body
+            mapped.close()
+
+    subject_s, baseline_s = interleaved(subject, baseline, repeats)
+    read = n * model_bytes
+    figure, base = read / median(subject_s) / 1e9, read / median(baseline_s) / 1e9
+
+    # where the time goes: the SHA-256 check alone, and the fold of unverified loads alone
+    t0 = time.perf_counter()
+    for s in sorted(sites):
+        load_weights(paths[s], verify=True)
+    verify_gbs = read / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    aggregate(
+        strategy,
+        start,
+        (
+            (SiteContribution(s, examples[s], 0, 0), load_weights(paths[s], verify=False).weights)
+            for s in sorted(sites)
+        ),
+        None,
+    )
+    fold_gbs = read / (time.perf_counter() - t0) / 1e9
+
+    with PeakMemory() as peak:
+        subject()
+    rss = (
+        f"; resident-set peak +{mb(peak.rss)} = {peak.rss / model_bytes:.1f} x model "
+        "(counts the mapped update files)"
+        if peak.rss is not None
+        else ""
+    )
+    return Result(
+        _label(n, params),
+        figure,
+        "GB/s",
+        TARGET,
+        baseline=base,
+        baseline_label="numpy copy of the same bytes",
+        notes=(
+            f"model {mb(model_bytes)}, {n} updates = {mb(read)} read; median of {repeats}; "
+            f"heap peak {mb(peak.heap)} = {peak.heap / model_bytes:.1f} x model{rss}; "
+            f"apart: load + SHA-256 check {verify_gbs:.2f} GB/s, "
+            f"fold of unchecked loads {fold_gbs:.2f} GB/s",
+        ),
+    )
+
+
+def run(quick: bool) -> list[Result]:
+    results = []
+    for n, params in QUICK if quick else FULL:
+        repeats = 2 if quick else (3 if n * params >= 500_000_000 else 5)
+        with tempfile.TemporaryDirectory(prefix="twin-bench-agg-") as tmp:
+            results.append(_case(n, params, repeats, Path(tmp)))
+    return results
