@@ -237,3 +237,33 @@ def test_each_coordinate_between_min_and_max_of_inputs(items):
         stacked = np.stack([u[name] for u, _ in updates])
         assert (out[name] >= stacked.min(axis=0)).all()
         assert (out[name] <= stacked.max(axis=0)).all()
+
+
+# ---- the blocked fold -------------------------------------------------------------------------
+def test_blocked_fold_gives_the_bits_of_the_one_line_expression():
+    """Tensors longer than FOLD_BLOCK are folded block by block through a scratch buffer; the
+    result must be bit-for-bit the unblocked `acc += float64(x) * w`, then `acc / total`."""
+    from twin_core.aggregation import FOLD_BLOCK
+
+    rng = np.random.default_rng(5)
+    size = 2 * FOLD_BLOCK + 3
+    shapes = {"big": (size,), "grid": (3, FOLD_BLOCK // 2 + 1), "count": (), "empty": (0, 2)}
+    dtypes = {"big": np.float32, "grid": np.float16, "count": np.int64, "empty": np.float32}
+    updates = []
+    for w in (3, 0.37, np.float32(1.5), 1e4):
+        update = {n: (rng.standard_normal(shapes[n]) * 100).astype(dtypes[n]) for n in shapes}
+        update["grid"] = np.asfortranarray(update["grid"])  # not C-contiguous
+        updates.append((update, w))
+    mean = WeightedMean()
+    for update, w in updates:
+        mean.add(update, w)
+    out = mean.result()
+    total = sum(float(w) for _, w in updates)
+    for name, dtype in dtypes.items():
+        acc = np.zeros(shapes[name])
+        for update, w in updates:
+            acc += np.asarray(update[name], dtype=np.float64) * w
+        expected = acc / total
+        expected = np.rint(expected).astype(dtype) if name == "count" else expected.astype(dtype)
+        assert out[name].dtype == expected.dtype and out[name].shape == expected.shape
+        assert out[name].tobytes() == expected.tobytes(), name
