@@ -55,24 +55,39 @@ def manifest_from_proto(header: pb.WeightsHeader) -> Manifest:
     return Manifest(tensors, header.total_bytes, header.sha256)
 
 
-def weight_chunks(
+def _chunk_data(
     weights: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[pb.Chunk]:
-    """The model's bytes as chunks of `chunk_bytes` (small tensors are packed together)."""
+) -> Iterator[tuple[int, bytes]]:
+    """`(offset, data)` for each chunk of the model's bytes: `chunk_bytes` long but the last;
+    small tensors are packed together. A chunk that lies inside one tensor is copied once,
+    straight from the tensor's memory."""
     pending = bytearray()
     offset = 0
     for view in iter_tensor_bytes(weights):
         start = 0
         while start < len(view):
+            if not pending and len(view) - start >= chunk_bytes:
+                yield offset, bytes(view[start : start + chunk_bytes])
+                start += chunk_bytes
+                offset += chunk_bytes
+                continue
             take = min(chunk_bytes - len(pending), len(view) - start)
             pending += view[start : start + take]
             start += take
             if len(pending) == chunk_bytes:
-                yield pb.Chunk(offset=offset, data=bytes(pending))
+                yield offset, bytes(pending)
                 offset += len(pending)
                 pending.clear()
     if pending:
-        yield pb.Chunk(offset=offset, data=bytes(pending))
+        yield offset, bytes(pending)
+
+
+def weight_chunks(
+    weights: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.Chunk]:
+    """The model's bytes as chunks of `chunk_bytes` (small tensors are packed together)."""
+    for offset, data in _chunk_data(weights, chunk_bytes):
+        yield pb.Chunk(offset=offset, data=data)
 
 
 class WeightsAssembler:
@@ -88,20 +103,24 @@ class WeightsAssembler:
                 f"header declares {manifest.total_bytes} bytes, above the {MAX_STREAM_BYTES} limit"
             )
         self.manifest = manifest
-        self._buffer = bytearray(manifest.total_bytes)
+        # np.empty, not bytearray(n): no zero-fill of memory every byte of which the stream
+        # overwrites, and numpy asks the kernel for huge pages, so far fewer page faults
+        self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        self._view = memoryview(self._buffer)
         self._offset = 0
         self._digest = hashlib.sha256()
 
     def add(self, chunk: pb.Chunk) -> None:
         if chunk.offset != self._offset:
             raise MalformedStream(f"chunk at offset {chunk.offset}, expected {self._offset}")
-        end = self._offset + len(chunk.data)
+        data = chunk.data  # each read of a bytes field copies it out of the message
+        end = self._offset + len(data)
         if end > self.manifest.total_bytes:
             raise MalformedStream(
                 f"stream runs past the {self.manifest.total_bytes} bytes its header declares"
             )
-        self._buffer[self._offset : end] = chunk.data
-        self._digest.update(chunk.data)
+        self._view[self._offset : end] = data
+        self._digest.update(data)
         self._offset = end
 
     def finish(self) -> Weights:
@@ -111,14 +130,17 @@ class WeightsAssembler:
             )
         if self._digest.hexdigest() != self.manifest.sha256:
             raise MalformedStream("SHA-256 of the received weights does not match the header")
-        return weights_from_buffer(self.manifest, self._buffer)
+        return weights_from_buffer(self.manifest, self._view)
 
 
 def _stream(message_type: type, header: object, weights: Mapping) -> Iterator:
     """A `oneof part {header, chunk}` stream: the header, then the weights' chunks."""
     yield message_type(header=header)
-    for chunk in weight_chunks(weights):
-        yield message_type(chunk=chunk)
+    for offset, data in _chunk_data(weights):
+        message = message_type()  # filled in place: `message_type(chunk=...)` copies the chunk
+        message.chunk.offset = offset
+        message.chunk.data = data
+        yield message
 
 
 def _read_weight_stream(messages: Iterator, header_field: str) -> tuple[object, Weights]:
