@@ -1,5 +1,5 @@
-"""Issue 5's expected outcomes, on a small version of `twin experiment twin` (2 seeds, 8 rounds
-the committed report in docs/experiments/twin.md is the full one)."""
+"""Issue 5's expected outcomes, on a small version of `twin experiment twin` (2 seeds, 8 rounds of
+20 local steps; the committed report in docs/experiments/twin.md is the full one)."""
 
 from __future__ import annotations
 
