@@ -282,7 +282,7 @@ class SiteHandler:
         """The update that may leave: clipped to `dp_clip` (DP-FedAvg), and under secure
         aggregation the weighted delta (what is summed), else start + the clipped delta."""
         from twin_core.privacy import clip_update
-        from twin_core.strategies import planned_steps
+        from twin_core.secure_round import masking_weight
 
         delta = {
             k: np.asarray(trained[k], np.float64) - np.asarray(start[k], np.float64)
@@ -294,17 +294,7 @@ class SiteHandler:
             delta, _ = clip_update(delta, config.dp_clip)
             metrics["dp_clip"] = config.dp_clip
         if masking is not None:
-            if masking.weighting == "uniform" or config.dp_clip > 0:
-                weight = 1.0
-            else:
-                planned = planned_steps(
-                    config.local_epochs,
-                    config.batch_size,
-                    self.data.train_examples,
-                    config.local_steps,
-                )
-                done = min(1.0, steps / planned) if planned > 0 else 1.0
-                weight = float(self.data.train_examples) * done
+            weight = masking_weight(self.data.train_examples, steps, config, masking.weighting)
             return {k: delta[k] * weight for k in delta}, metrics
         out = dict(trained)
         for k, d in delta.items():

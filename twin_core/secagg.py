@@ -109,15 +109,7 @@ def _derive(shared: bytes, round_key: str, info: bytes) -> bytes:
 
 def pair_seed(private_raw: bytes, peer_public_raw: bytes, round_key: str) -> bytes:
     """The mask seed two sites agree on (X25519, then HKDF-SHA256 bound to the round)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import (
-        X25519PrivateKey,
-        X25519PublicKey,
-    )
-
-    shared = X25519PrivateKey.from_private_bytes(private_raw).exchange(
-        X25519PublicKey.from_public_bytes(peer_public_raw)
-    )
-    return _derive(shared, round_key, _MASK_INFO)
+    return _derive(pair_secret(private_raw, peer_public_raw), round_key, _MASK_INFO)
 
 
 def pair_mask(own: str, peer: str, seed: bytes, n: int) -> np.ndarray:

@@ -17,9 +17,10 @@ import numpy as np
 
 from twin_core import secagg
 from twin_core.dispatch import run_on_sites, split_failures
+from twin_core.errors import InvalidWeights
 from twin_core.federation import Site, SiteFailure, SiteUpdate, TrainConfig
 from twin_core.secagg import MASKED, MaskingPlan, SecAggError
-from twin_core.strategies import planned_steps
+from twin_core.strategies import SiteContribution, planned_steps
 from twin_core.weights import Weights
 
 
@@ -35,16 +36,14 @@ class SecureRound:
     shared: tuple[str, ...]
 
 
-def site_weight(update: SiteUpdate, config: TrainConfig, weighting: str) -> float:
-    """The weight a site applied to its update before masking (twin_core strategies'
-    FedAvg weight: examples x the share of planned steps done; 1 when uniform or under DP)."""
+def masking_weight(examples: int, steps: int, config: TrainConfig, weighting: str) -> float:
+    """The weight a site applies to its update before masking, and the orchestrator counts in
+    the sum: FedAvg's (examples x the share of planned steps done); 1 when uniform or under
+    DP-FedAvg."""
     if weighting == "uniform" or config.dp_clip > 0:
         return 1.0
-    planned = planned_steps(
-        config.local_epochs, config.batch_size, update.num_examples, config.local_steps
-    )
-    done = min(1.0, update.steps / planned) if planned > 0 else 1.0
-    return float(update.num_examples) * done
+    planned = planned_steps(config.local_epochs, config.batch_size, examples, config.local_steps)
+    return float(examples) * SiteContribution("", examples, steps, planned).completion
 
 
 def run_secure_round(
@@ -113,8 +112,6 @@ def run_secure_round(
         )
         vector = update.weights.get(MASKED)
         if set(update.weights) != {MASKED} or vector is None or vector.dtype != np.uint64:
-            from twin_core.errors import InvalidWeights
-
             raise InvalidWeights("a masked round's reply must hold only the masked vector")
         return update
 
@@ -146,7 +143,10 @@ def run_secure_round(
         revealed,
         shared,
     )
-    weight = sum(site_weight(updates[s], config_of(s), weighting) for s in survivors)
+    weight = sum(
+        masking_weight(updates[s].num_examples, updates[s].steps, config_of(s), weighting)
+        for s in survivors
+    )
     return SecureRound(
         secagg.decode(total, start),
         weight,

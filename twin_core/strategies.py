@@ -31,7 +31,7 @@ from twin_core.weights import Weights
 WEIGHTED = ("fedavg", "fedavg_uniform", "fedavg_quality")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
 STRATEGIES = WEIGHTED + ROBUST + OPTIMIZERS + ("scaffold",)
-# the strategies that need only the sum of the (weighted) updates: secure aggregation and
+# the strategies that need only the (weighted) sum of the updates, so secure aggregation and
 # DP-FedAvg can run them
 SUMMABLE = ("fedavg", "fedavg_uniform") + OPTIMIZERS
 
@@ -71,13 +71,6 @@ class Strategy:
     @property
     def needs_individual_updates(self) -> bool:
         return self.name in ROBUST
-
-    @property
-    def sums_updates(self) -> bool:
-        """Needs only the weighted sum of the updates (examples or uniform weights), so it can
-        run under secure aggregation; robust strategies, quality weights and SCAFFOLD's
-        per-site control variates cannot."""
-        return self.name in SUMMABLE
 
     def weight(self, site: SiteContribution) -> float:
         """A site's weight in the weighted mean (examples for the server-optimiser family)."""

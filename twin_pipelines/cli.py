@@ -101,9 +101,9 @@ def _privacy_line(args: argparse.Namespace) -> str:
 
 
 def _spent_line(home: TwinHome, config) -> str:
-    from twin_core.privacy import PrivacyLedger
+    from twin_pipelines.resources import RoundStore
 
-    ledger = PrivacyLedger.load(home.rounds / "privacy_ledger.json", missing_ok=True)
+    ledger = RoundStore(root=str(home.rounds)).ledger()
     spent = ", ".join(
         f"{scope} {ledger.spent(scope, config.privacy_delta):.2f}" for scope in ledger.scopes
     )

@@ -163,13 +163,12 @@ class RoundConfig(dg.Config):
 
     def _privacy_problems(self) -> list[str]:
         out = []
-        strategy = self.aggregation_strategy() if self.strategy in STRATEGIES else None
         hides = []
         if self.secure_aggregation:
             hides.append("secure aggregation hides each site's update")
         if self.dp_clip > 0:
             hides.append("DP-FedAvg's noise is calibrated to a mean of clipped updates")
-        if strategy is not None and hides and not strategy.sums_updates:
+        if self.strategy in STRATEGIES and hides and self.strategy not in SUMMABLE:
             out.append(
                 f"strategy {self.strategy} cannot run here: {' and '.join(hides)}; choose "
                 f"{', '.join(SUMMABLE)}, or turn those off"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import dagster as dg
@@ -70,7 +71,7 @@ def updates_metadata(updates: RoundUpdates) -> dict:
             "steps": u.steps,
             "train_loss": u.metrics.get("train_loss"),
             "seconds": round(u.train_seconds, 3),
-            "delta_norm": u.delta_norm if u.delta_norm == u.delta_norm else None,  # NaN: masked
+            "delta_norm": None if math.isnan(u.delta_norm) else u.delta_norm,  # NaN: masked
         }
         for u in updates.updates
     ]
