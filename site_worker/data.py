@@ -3,6 +3,7 @@ seeded synthetic cohort. The only module of the worker that reads patient data."
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
@@ -21,19 +22,36 @@ def load_file(data_path: Path, schema_path: Path) -> tuple[DataSchema, pd.DataFr
         raise SiteDataError(f"{data_path}: {exc}") from None
 
 
+def synthetic_cohort(seed: int, drift: tuple[str, ...] = (), n_sites: int = 0):
+    """The seeded synthetic cohort: the default five sites, or `n_sites` simulated ones
+    (twin_core.cohort.simulated_sites). Cached: a worker hosting many virtual sites generates
+    it once, not once per site."""
+    return _cohort(int(seed), tuple(drift), int(n_sites))
+
+
+@functools.lru_cache(maxsize=2)
+def _cohort(seed: int, drift: tuple[str, ...], n_sites: int):
+    from twin_core.cohort import CohortConfig, DriftSpec, generate_cohort, simulated_sites
+
+    sites = {"sites": simulated_sites(n_sites)} if n_sites else {}
+    return generate_cohort(
+        CohortConfig(seed=seed, drift=tuple(DriftSpec.parse(d) for d in drift), **sites)
+    )
+
+
 def load_synthetic(
-    site_id: str, seed: int, drift: tuple[str, ...] = ()
+    site_id: str, seed: int, drift: tuple[str, ...] = (), n_sites: int = 0
 ) -> tuple[DataSchema, pd.DataFrame]:
     """One site's share of the seeded synthetic cohort (reference/twin-model.md)."""
-    from twin_core.cohort import CohortConfig, DriftSpec, cohort_schema, generate_cohort
+    from twin_core.cohort import TrajectoryParams, cohort_schema
 
-    config = CohortConfig(seed=seed, drift=tuple(DriftSpec.parse(d) for d in drift))
-    cohort = generate_cohort(config)
+    cohort = synthetic_cohort(seed, drift, n_sites)
     try:
         frame = cohort.site(site_id)
     except KeyError as exc:
         raise SiteDataError(str(exc.args[0] if exc.args else exc)) from None
-    schema = parse_schema(cohort_schema(config.params), source="synthetic cohort schema")
+    params = TrajectoryParams(**cohort.summary["params"])
+    schema = parse_schema(cohort_schema(params), source="synthetic cohort schema")
     return schema, check_frame(schema, frame)
 
 
@@ -54,11 +72,13 @@ class FileSource:
 class SyntheticSource:
     """One site's share of the seeded synthetic cohort (it never changes)."""
 
-    def __init__(self, site_id: str, seed: int, drift: tuple[str, ...] = ()) -> None:
-        self.site_id, self.seed, self.drift = site_id, seed, drift
+    def __init__(
+        self, site_id: str, seed: int, drift: tuple[str, ...] = (), n_sites: int = 0
+    ) -> None:
+        self.site_id, self.seed, self.drift, self.n_sites = site_id, seed, drift, n_sites
 
     def version(self) -> tuple:
-        return (self.site_id, self.seed, self.drift)
+        return (self.site_id, self.seed, self.drift, self.n_sites)
 
     def load(self) -> tuple[DataSchema, pd.DataFrame]:
-        return load_synthetic(self.site_id, self.seed, self.drift)
+        return load_synthetic(self.site_id, self.seed, self.drift, self.n_sites)

@@ -41,9 +41,13 @@ class SiteServer:
         max_workers: int = 8,
         tls: Credentials | None = None,
         allowed_peers: frozenset[str] = frozenset({ORCHESTRATOR}),
+        site_tls: list[Credentials] | None = None,
     ):
         """`tls`: the site's certificate, key and the federation CA; the server then speaks
-        only mutual TLS and answers only `allowed_peers`. None: insecure (local/dev mode)."""
+        only mutual TLS and answers only `allowed_peers`. None: insecure (local/dev mode).
+        `site_tls`: a worker hosting several virtual sites presents each site's own
+        certificate, picked by the name the caller asks for (TLS SNI: the orchestrator dials
+        a site by its site id), so each virtual site keeps its own identity."""
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
             options=SERVER_OPTIONS,
@@ -56,8 +60,9 @@ class SiteServer:
         if tls is None:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         else:
+            pairs = [(c.key_pem, c.cert_pem) for c in (site_tls or [tls])]
             credentials = grpc.ssl_server_credentials(
-                [(tls.key_pem, tls.cert_pem)],
+                pairs,
                 root_certificates=tls.ca_pem,
                 require_client_auth=True,
             )

@@ -21,7 +21,7 @@ Conventions beyond the spec:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,19 @@ DEFAULT_SITES: tuple[SiteProfile, ...] = (
     SiteProfile("site-4", 400, 60.0, 0.5, 0.0, 1.5, 0.0, 0.20),
     SiteProfile("site-5", 1200, 70.0, 0.4, 1.0, 2.0, -0.3, 0.30),
 )
+
+
+def simulated_sites(n: int) -> tuple[SiteProfile, ...]:
+    """`n` sites for scale simulations: the default five profiles in turn (the first is a
+    site-1, the sixth another site-1, ...), ids zero-padded to the width of `n`
+    ("site-001" .. "site-100"). `simulated_sites(5)` is the default table itself."""
+    if n < 1:
+        raise ValueError(f"a cohort needs at least one site, got {n}")
+    width = len(str(n))
+    return tuple(
+        replace(DEFAULT_SITES[i % len(DEFAULT_SITES)], site_id=f"site-{i + 1:0{width}d}")
+        for i in range(n)
+    )
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Start and stop site workers as local processes: the embedded default's fleet.
 
 Each worker is a real `python -m site_worker` process on a free localhost port, exactly as a
-hospital would run it, with its own state folder and log.
+hospital would run it, with its own state folder and log. For simulations at scale one worker
+may host many virtual sites (`SiteLaunch.hosting`), each with its own data, state folder and
+identity: 100 sites on a 2-core machine are a few processes, not 100.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ class FleetStartError(TwinError):
 
 @dataclass(frozen=True)
 class SiteLaunch:
-    """How to start one site worker: its data (a file and schema, or synthetic) and options."""
+    """How to start one site worker: its data (a file and schema, or synthetic) and options.
+
+    `site_id` names the worker (and is its site); `sites`, if given, are the virtual sites it
+    hosts instead: then `data` holds `{site}` (one file per site) or the data is synthetic.
+    """
 
     site_id: str
     data: Path | None = None
@@ -35,11 +41,19 @@ class SiteLaunch:
     truth: Path | None = None  # the synthetic cohort's truth summary, for evaluation only
     tls_dir: Path | None = None  # the federation PKI folder; None: local/dev (insecure)
     extra_args: tuple[str, ...] = ()
+    sites: tuple[str, ...] = ()  # virtual sites hosted by this worker (default: site_id)
+    cohort_sites: int = 0  # synthetic: sites in the simulated cohort (0: the default five)
+
+    @property
+    def hosting(self) -> tuple[str, ...]:
+        return self.sites or (self.site_id,)
 
     def args(self) -> list[str]:
-        out = ["--site-id", self.site_id]
+        out = ["--site-id", ",".join(self.hosting)]
         if self.synthetic:
             out += ["--synthetic", "--cohort-seed", str(self.cohort_seed)]
+            if self.cohort_sites:
+                out += ["--cohort-sites", str(self.cohort_sites)]
         else:
             out += ["--data", str(self.data), "--schema", str(self.schema)]
         if self.truth is not None:
@@ -50,12 +64,15 @@ class SiteLaunch:
 
 @dataclass
 class LocalSite:
+    """A site served by a local worker process (which may serve other sites too)."""
+
     site_id: str
     process: subprocess.Popen
     state_dir: Path
     log_path: Path
     port: int = 0
     tls_dir: Path | None = None
+    ready_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -78,6 +95,7 @@ class LocalFleet:
     def start(self, launches: list[SiteLaunch], timeout: float = 180.0) -> dict[str, str]:
         """Start every worker, wait until each answers its health check; return addresses."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        started: list[LocalSite] = []
         for launch in launches:
             state = self.root / launch.site_id
             state.mkdir(parents=True, exist_ok=True)
@@ -106,18 +124,26 @@ class LocalFleet:
                     env=env,
                     start_new_session=True,
                 )
-            self.sites[launch.site_id] = LocalSite(
-                launch.site_id, process, state, log_path, tls_dir=launch.tls_dir
-            )
+            hosted = launch.hosting
+            for site_id in hosted:
+                # a worker of several virtual sites keeps each one's state in a folder of its own
+                site_state = state if hosted == (launch.site_id,) else state / site_id
+                self.sites[site_id] = LocalSite(
+                    site_id, process, site_state, log_path, tls_dir=launch.tls_dir, ready_file=ready
+                )
+            started.append(self.sites[hosted[0]])
         deadline = time.monotonic() + timeout
-        for site in self.sites.values():
-            self._await_ready(site, deadline)
+        for first in started:
+            self._await_ready(first, deadline)
+            for site in self.sites.values():
+                if site.process is first.process:
+                    site.port = first.port
         return self.endpoints()
 
     def _await_ready(self, site: LocalSite, deadline: float) -> None:
         from twin_wire.client import GrpcSite
 
-        ready = site.state_dir / "port"
+        ready = site.ready_file or site.state_dir / "port"
         while not ready.exists():
             if site.process.poll() is not None:
                 raise FleetStartError(
@@ -150,8 +176,16 @@ class LocalFleet:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         return path
 
+    def workers(self) -> list[subprocess.Popen]:
+        """The worker processes, each once (a worker may serve several sites)."""
+        unique: dict[int, subprocess.Popen] = {}
+        for site in self.sites.values():
+            unique.setdefault(site.process.pid, site.process)
+        return list(unique.values())
+
     def kill(self, site_id: str) -> None:
-        """SIGKILL one worker at once (a crash, for failure drills)."""
+        """SIGKILL the worker of a site at once (a crash, for failure drills); every virtual
+        site it hosts goes down with it."""
         site = self.sites[site_id]
         if site.process.poll() is None:
             os.killpg(site.process.pid, signal.SIGKILL)
@@ -159,16 +193,16 @@ class LocalFleet:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every worker (they finish running calls), then SIGKILL stragglers."""
-        for site in self.sites.values():
-            if site.process.poll() is None:
-                os.killpg(site.process.pid, signal.SIGTERM)
+        for process in self.workers():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for site in self.sites.values():
+        for process in self.workers():
             try:
-                site.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(site.process.pid, signal.SIGKILL)
-                site.process.wait(timeout=10)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
 
     def __enter__(self) -> LocalFleet:
         return self

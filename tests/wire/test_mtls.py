@@ -168,3 +168,31 @@ def test_adding_a_site_later_reissues_nothing_else(tmp_path):
         pki.add_site(folder, "Site B!")
     with pytest.raises(pki.PkiError, match="orchestrator's identity"):
         pki.add_site(folder, "orchestrator")
+
+
+def test_a_worker_hosting_virtual_sites_answers_as_each_of_them(federation, make_handler):
+    """One server, two sites, each with its own certificate: the orchestrator dials a site by
+    its id (TLS SNI) and gets that site's certificate, so each virtual site keeps its identity;
+    a name the worker holds no certificate for fails the handshake."""
+    identities = [pki.load(federation, s) for s in ("site-1", "site-2")]
+    server = SiteServer(
+        {s: make_handler(s) for s in ("site-1", "site-2")},
+        "127.0.0.1",
+        0,
+        tls=identities[0],
+        site_tls=identities,
+    )
+    server.start()
+    try:
+        for site_id in ("site-1", "site-2"):
+            client = _client(server, site_id, **mutual_tls(federation, site_id))
+            assert client.info(timeout=10).site_id == site_id
+            client.close()
+        # dialled as site-2 but asking for site-3's data: no certificate for that name
+        pki.add_site(federation, "site-3") if not (
+            federation / "sites/site-3.pem"
+        ).exists() else None
+        stranger = _client(server, "site-3", **mutual_tls(federation, "site-3"))
+        assert _refused(stranger).code == "UNAVAILABLE"
+    finally:
+        server.stop(0)
