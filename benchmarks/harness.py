@@ -48,7 +48,7 @@ class Result:
     benchmark: str
     figure: float
     unit: str
-    target: Target
+    target: Target | None  # None: the issue sets no target; the figure is reported as it is
     baseline: float | None = None  # measured in the same run, same unit as `figure`
     baseline_label: str = ""
     notes: tuple[str, ...] = field(default=())  # printed under the table (memory, breakdown)
@@ -61,7 +61,11 @@ class Result:
 
     @property
     def passed(self) -> bool | None:
-        return self.target.met(self.figure, self.ratio)
+        return None if self.target is None else self.target.met(self.figure, self.ratio)
+
+    @property
+    def target_text(self) -> str:
+        return "-" if self.target is None else self.target.describe(self.unit)
 
 
 def interleaved(

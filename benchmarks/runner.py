@@ -139,7 +139,7 @@ def table(results: list[Result]) -> str:
         verdict = {True: "pass", False: "**miss**", None: "-"}[r.passed]
         rows.append(
             f"| {r.benchmark} | {_fmt(r.figure, r.unit)} | {baseline} | {ratio} "
-            f"| {r.target.describe(r.unit)} | {verdict} |"
+            f"| {r.target_text} | {verdict} |"
         )
     return "\n".join(rows)
 
@@ -183,7 +183,7 @@ def as_json(report: Report) -> dict:
                 "baseline": r.baseline,
                 "baseline_label": r.baseline_label,
                 "ratio": r.ratio,
-                "target": r.target.describe(r.unit),
+                "target": r.target_text,
                 "passed": r.passed,
                 "notes": list(r.notes),
             }
