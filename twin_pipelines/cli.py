@@ -42,13 +42,36 @@ def _prepare_env(home: TwinHome) -> None:
     home.mlflow_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _ensure_cohort(home: TwinHome, seed: int) -> Path:
-    from twin_core.cohort import CohortConfig, generate_cohort, write_cohort
+def _site_ids(n_sites: int) -> list[str]:
+    """The demo's sites: the reference cohort's five (or the first n), or n simulated ones."""
+    from twin_core.cohort import DEFAULT_SITES, simulated_sites
 
+    if n_sites <= len(DEFAULT_SITES):
+        return [s.site_id for s in DEFAULT_SITES[:n_sites]]
+    return [s.site_id for s in simulated_sites(n_sites)]
+
+
+def _ensure_cohort(home: TwinHome, seed: int, n_sites: int = 5) -> Path:
+    """The synthetic cohort under TWIN_HOME: the reference five sites, or `n_sites` simulated
+    ones (the reference profiles in turn) for a run at scale. Written again when it differs."""
+    import json
+
+    from twin_core.cohort import CohortConfig, generate_cohort, simulated_sites, write_cohort
+
+    wanted = max(n_sites, 5)
     marker = home.cohort / "truth" / "summary.json"
     # a cohort written before the truth held each site's profile is written again
-    if not marker.exists() or '"profile"' not in marker.read_text():
-        write_cohort(generate_cohort(CohortConfig(seed=seed)), home.cohort)
+    current = json.loads(marker.read_text()) if marker.exists() else {}
+    sites = current.get("sites", {})
+    if (
+        len(sites) != wanted
+        or current.get("seed") != seed
+        or not all("profile" in v for v in sites.values())
+    ):
+        if (home.cohort / "sites").exists():
+            shutil.rmtree(home.cohort / "sites")
+        config = CohortConfig(seed=seed, sites=simulated_sites(wanted))
+        write_cohort(generate_cohort(config), home.cohort)
     return home.cohort
 
 
@@ -110,16 +133,49 @@ def _spent_line(home: TwinHome, config) -> str:
     return f"Privacy spent (epsilon at delta {config.privacy_delta:g}, all campaigns): {spent}"
 
 
-def _launches(home: TwinHome, seed: int, n_sites: int, tls_dir: Path | None = None):
+def _launches(
+    home: TwinHome, seed: int, n_sites: int, tls_dir: Path | None = None, workers: int = 0
+):
+    """One worker process per site (as hospitals run them), or, with `workers` set (and by
+    default beyond 10 sites), that many processes hosting the sites as virtual sites."""
     from twin_pipelines.local_fleet import SiteLaunch
 
-    cohort = _ensure_cohort(home, seed)
-    files = sorted((cohort / "sites").glob("*.csv"))[:n_sites]
-    truth = cohort / "truth" / "summary.json"
+    cohort = _ensure_cohort(home, seed, n_sites)
+    ids = _site_ids(n_sites)
+    schema, truth = cohort / "schema.yaml", cohort / "truth" / "summary.json"
+    workers = workers or (len(ids) if len(ids) <= 10 else 4)
+    if workers >= len(ids):
+        return [
+            SiteLaunch(
+                s, data=cohort / "sites" / f"{s}.csv", schema=schema, truth=truth, tls_dir=tls_dir
+            )
+            for s in ids
+        ]
+    per = -(-len(ids) // workers)
+    groups = [ids[i : i + per] for i in range(0, len(ids), per)]
     return [
-        SiteLaunch(f.stem, data=f, schema=cohort / "schema.yaml", truth=truth, tls_dir=tls_dir)
-        for f in files
+        SiteLaunch(
+            f"worker-{w + 1}",
+            data=cohort / "sites" / "{site}.csv",
+            schema=schema,
+            truth=truth,
+            tls_dir=tls_dir,
+            sites=tuple(group),
+        )
+        for w, group in enumerate(groups)
     ]
+
+
+def _started_line(endpoints: dict[str, str], workers: int, seconds: float) -> str:
+    if workers == len(endpoints):
+        return f"Started {workers} site workers ({seconds:.1f} s): " + ", ".join(
+            f"{s}@{a}" for s, a in endpoints.items()
+        )
+    addresses = sorted(set(endpoints.values()))
+    return (
+        f"Started {len(endpoints)} virtual sites in {workers} site worker processes "
+        f"({seconds:.1f} s): {', '.join(addresses)}"
+    )
 
 
 _COLUMNS = (
@@ -202,18 +258,18 @@ def demo(args: argparse.Namespace) -> int:
         args.tls, args.secure_aggregation = True, True
         args.dp_sgd = args.dp_sgd or 1.0
         args.privacy_budget = args.privacy_budget or 30.0
-    site_ids = [f"site-{i}" for i in range(1, args.sites + 1)]
+    if args.sites < 1:
+        raise SystemExit("twin demo: --sites must be at least 1")
+    site_ids = _site_ids(args.sites)
     tls_dir = _security(home, args.tls, site_ids)
     print(_mode_line(tls_dir))
     print(_privacy_line(args))
     started = time.perf_counter()
     with LocalFleet(home.sites_dir) as fleet:
-        endpoints = fleet.start(_launches(home, args.seed, args.sites, tls_dir))
+        launches = _launches(home, args.seed, args.sites, tls_dir, args.workers)
+        endpoints = fleet.start(launches, timeout=180 + 2 * len(site_ids))
         fleet.write_sites_file(home.sites_file)
-        print(
-            f"Started {len(endpoints)} site workers ({time.perf_counter() - started:.1f} s): "
-            + ", ".join(f"{s}@{a}" for s, a in endpoints.items())
-        )
+        print(_started_line(endpoints, len(launches), time.perf_counter() - started))
         resources = resources_from_env()
         resources["fleet"] = GrpcFleet(
             endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()),
@@ -298,7 +354,7 @@ def ui(args: argparse.Namespace) -> int:
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     workspace = _workspace_dir()
     children: list[subprocess.Popen] = []
-    tls_dir = _security(home, args.tls, [f"site-{i}" for i in range(1, args.sites + 1)])
+    tls_dir = _security(home, args.tls, _site_ids(args.sites))
     print(_mode_line(tls_dir))
     with LocalFleet(home.sites_dir) as fleet:
         endpoints = fleet.start(_launches(home, args.seed, args.sites, tls_dir))
@@ -431,7 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run a federated campaign on the synthetic cohort")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--sites", type=int, default=5, help="how many of the cohort's sites take part")
+    p.add_argument(
+        "--sites",
+        type=int,
+        default=5,
+        help="sites taking part: up to 5 from the reference cohort; more are simulated "
+        "(the reference profiles in turn), e.g. --sites 100",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="site worker processes hosting the sites as virtual sites (default: one per site "
+        "up to 10 sites, else 4)",
+    )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--min-sites", type=int, default=2)

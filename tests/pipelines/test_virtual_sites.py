@@ -111,3 +111,23 @@ def test_a_round_over_virtual_sites_runs_through_dagster_and_grpc(virtual_fleet,
         kinds = [json.loads(line)["kind"] for line in journal.read_text().splitlines()]
         assert "train" in kinds and "evaluate" in kinds
     assert env.versions()
+
+
+def test_the_demo_hosts_many_sites_as_virtual_sites(tmp_path: Path):
+    """`twin demo --sites N`: up to 10 sites one worker each, beyond that 4 workers (or
+    --workers) hosting them as virtual sites, each site reading its own file."""
+    from twin_pipelines.cli import _launches
+    from twin_pipelines.home import TwinHome
+
+    home = TwinHome(tmp_path / "home")
+    five = _launches(home, 7, 5)
+    assert [(x.site_id, x.hosting) for x in five][:2] == [
+        ("site-1", ("site-1",)),
+        ("site-2", ("site-2",)),
+    ]
+    many = _launches(home, 7, 30)
+    assert [len(x.hosting) for x in many] == [8, 8, 8, 6]
+    assert [s for x in many for s in x.hosting] == [s.site_id for s in simulated_sites(30)]
+    assert "{site}" in str(many[0].data) and "--site-id" in many[0].args()
+    assert len(list((home.cohort / "sites").glob("*.csv"))) == 30
+    assert [len(x.hosting) for x in _launches(home, 7, 30, workers=3)] == [10, 10, 10]
