@@ -7,11 +7,12 @@ orchestrator's fan-out turns into a SiteFailure value.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
 
+from twin_core.dispatch import ReceiveSlots
 from twin_core.errors import MalformedStream, SiteCallError
 from twin_core.federation import SiteEvaluation, SiteInfo, SiteUpdate, TrainConfig
 from twin_core.monitoring import DriftSummary, QualityReport
@@ -61,8 +62,12 @@ class GrpcSite:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, object]] = (),
         interceptors: Sequence[object] = (),
+        receive_slots: ReceiveSlots | None = None,
     ) -> None:
+        """`receive_slots`: shared by a fleet's clients, bounds how many updates are held in
+        memory at once (twin_core.dispatch.ReceiveSlots)."""
         self.site_id = site_id
+        self.receive_slots = receive_slots
         self.target = target
         self._credentials = credentials
         self._options = tuple(CHANNEL_OPTIONS) + tuple(options)
@@ -122,7 +127,8 @@ class GrpcSite:
             self.site_id, round_key, schema_fingerprint, config, weights, masking
         )
         try:
-            update = codec.read_train_replies(self.stub.Train(requests, timeout=timeout))
+            replies = self.stub.Train(requests, timeout=timeout)
+            update = codec.read_train_replies(self._arriving(replies))
         except (grpc.RpcError, MalformedStream) as exc:
             raise self._fail(exc) from None
         if update.site_id != self.site_id or update.round_key != round_key:
@@ -132,6 +138,14 @@ class GrpcSite:
                 f"reply names site {update.site_id!r} round {update.round_key!r}",
             )
         return update
+
+    def _arriving(self, replies: Iterator) -> Iterator:
+        """The reply stream; once its first message is in (the site has trained), the update
+        takes a receive slot before any more of it is read."""
+        for index, reply in enumerate(replies):
+            if index == 0 and self.receive_slots is not None:
+                self.receive_slots.take()
+            yield reply
 
     def evaluate(
         self, round_key: str, schema_fingerprint: str, weights: Mapping, timeout: float

@@ -152,3 +152,51 @@ def test_other_exceptions_propagate(exc):
     }
     with pytest.raises(type(exc)):
         run_on_sites(sites, _call, stage="train", timeout=10.0)
+
+
+def test_receive_slots_bound_the_updates_held_at_once():
+    """Eight sites finish together; with two slots, never more than two updates are held."""
+    import threading
+
+    from twin_core.dispatch import ReceiveSlots
+
+    slots = ReceiveSlots(2)
+    holding_now, most = [0], [0]
+    lock = threading.Lock()
+
+    class Arriving:
+        def __init__(self, site_id):
+            self.site_id = site_id
+
+        def call(self):
+            with slots.holding():
+                slots.take()  # the update's first chunk arrives
+                slots.take()  # a second take in the same call holds no second slot
+                with lock:
+                    holding_now[0] += 1
+                    most[0] = max(most[0], holding_now[0])
+                time.sleep(0.02)  # received and persisted
+                with lock:
+                    holding_now[0] -= 1
+            return self.site_id
+
+    sites = {f"s{i}": Arriving(f"s{i}") for i in range(8)}
+    results = run_on_sites(sites, lambda site: site.call(), stage="train", timeout=30)
+    assert sorted(results) == sorted(sites)
+    assert most[0] == 2 and slots.peak == 2
+    # every slot came back, and take() outside holding() does nothing
+    slots.take()
+    assert all(slots._free.acquire(blocking=False) for _ in range(2))
+    with pytest.raises(ValueError, match="at least one"):
+        ReceiveSlots(0)
+
+
+def test_a_failed_call_gives_its_slot_back():
+    from twin_core.dispatch import ReceiveSlots
+
+    slots = ReceiveSlots(1)
+    with pytest.raises(RuntimeError), slots.holding():
+        slots.take()
+        raise RuntimeError("the site died mid-stream")
+    with slots.holding():
+        slots.take()  # would block forever if the slot had leaked

@@ -94,14 +94,19 @@ def test_a_round_over_virtual_sites_runs_through_dagster_and_grpc(virtual_fleet,
     uri, artifacts = mlflow_uri
     store = RoundStore(root=str(tmp / "rounds"))
     registry = MlflowRegistry(tracking_uri=uri, artifact_root=str(artifacts), model_name="virtual")
+    # two receive slots: however many sites finish at once, at most two updates are in the
+    # orchestrator's memory together
     fleet = GrpcFleet(
-        endpoints=",".join(f"{s}={a}" for s, a in workers.endpoints().items()), insecure=True
+        endpoints=",".join(f"{s}={a}" for s, a in workers.endpoints().items()),
+        insecure=True,
+        receive_slots=2,
     )
     env = RoundEnv(build_definitions(fleet=fleet, store=store, registry=registry), store, registry)
     with dg.instance_for_test() as instance:
         result = run_round(env.defs, instance, RoundConfig(min_sites=N_SITES, local_epochs=1))
     assert result.success, result.error
     assert len(result.sites) == N_SITES and not result.failed_sites
+    assert 1 <= fleet._slots().peak <= 2
     assert sorted(p.stem for p in (store.round_dir(result.round_key) / "updates").iterdir()) == [
         s.site_id for s in simulated_sites(N_SITES)
     ]

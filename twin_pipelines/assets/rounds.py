@@ -368,8 +368,11 @@ def site_updates(
     else:
         results = run_on_sites(
             chosen,
-            lambda site: _train_and_persist(
-                site, round_plan, config, start.weights, outgoing, store
+            lambda site: _holding_slot(
+                site,
+                lambda: _train_and_persist(
+                    site, round_plan, config, start.weights, outgoing, store
+                ),
             ),
             stage="train",
             timeout=config.train_timeout_s + 10,
@@ -386,6 +389,16 @@ def site_updates(
         f"; failures: {failure_lines(updates.failures)}" if updates.failures else ""
     )
     yield check_result(gate, description)
+
+
+def _holding_slot(site: Site, call):
+    """Run `call` holding, once the site's update starts to arrive, one of the fleet's receive
+    slots until the update is persisted (twin_core.dispatch.ReceiveSlots)."""
+    slots = getattr(site, "receive_slots", None)
+    if slots is None:
+        return call()
+    with slots.holding():
+        return call()
 
 
 def _parameter_names(plan: RoundPlan) -> set[str]:

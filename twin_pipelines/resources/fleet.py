@@ -10,6 +10,7 @@ from typing import Protocol
 
 import dagster as dg
 
+from twin_core.dispatch import ReceiveSlots
 from twin_core.errors import TwinError
 from twin_core.federation import Site
 
@@ -57,6 +58,7 @@ def read_sites_file(path: Path) -> dict[str, str]:
 
 
 _clients: dict[tuple, object] = {}
+_slots: dict[tuple, ReceiveSlots] = {}
 _clients_lock = threading.Lock()
 
 
@@ -71,6 +73,9 @@ class GrpcFleet(dg.ConfigurableResource):
     endpoints: str = ""
     tls_dir: str = ""  # the federation's PKI folder (twin pki): mutual TLS on every channel
     insecure: bool = False  # plaintext channels: local/dev mode only, never by default
+    # at most this many sites' updates in the orchestrator's memory at once (arriving, being
+    # checked, being persisted): peak memory grows with this, not with the number of sites
+    receive_slots: int = 8
 
     def endpoint_map(self) -> dict[str, str]:
         if self.endpoints:
@@ -104,13 +109,27 @@ class GrpcFleet(dg.ConfigurableResource):
     def _connect(self, site_id: str, target: str) -> Site:
         from twin_wire.client import GrpcSite
 
-        return GrpcSite(site_id, target, **self._security(site_id))
+        return GrpcSite(site_id, target, receive_slots=self._slots(), **self._security(site_id))
+
+    def _slots(self) -> ReceiveSlots:
+        """One set of receive slots per process and limit, shared by the fleet's clients."""
+        key = (os.getpid(), self.receive_slots)
+        if key not in _slots:
+            _slots[key] = ReceiveSlots(self.receive_slots)
+        return _slots[key]
 
     def sites(self) -> dict[str, Site]:
         out: dict[str, Site] = {}
         with _clients_lock:
             for site_id, target in sorted(self.endpoint_map().items()):
-                key = (type(self).__name__, os.getpid(), site_id, target, self.tls_dir)
+                key = (
+                    type(self).__name__,
+                    os.getpid(),
+                    site_id,
+                    target,
+                    self.tls_dir,
+                    self.receive_slots,
+                )
                 if key not in _clients:
                     _clients[key] = self._connect(site_id, target)
                 out[site_id] = _clients[key]  # type: ignore[assignment]
