@@ -62,8 +62,32 @@ def _site_seconds(workers, round_key: str) -> float:
     return total
 
 
+def _cohort(root: Path, n_sites: int, hidden: tuple[int, ...] | None) -> Path:
+    """The simulated cohort of `n_sites` as site files, its schema declaring `hidden` (the
+    twin's MLP widths: the model's size) if given."""
+    import yaml
+
+    from twin_core.cohort import CohortConfig, generate_cohort, simulated_sites, write_cohort
+
+    folder = root / "cohort"
+    write_cohort(generate_cohort(CohortConfig(seed=7, sites=simulated_sites(n_sites))), folder)
+    if hidden:
+        schema = yaml.safe_load((folder / "schema.yaml").read_text())
+        schema["hidden"] = list(hidden)
+        (folder / "schema.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    return folder
+
+
 def scale_round(
-    n_sites: int, n_workers: int, local_epochs: int, root: Path, warm_up: bool = True
+    n_sites: int,
+    n_workers: int,
+    root: Path,
+    *,
+    local_epochs: int = 1,
+    local_steps: int = 0,
+    hidden: tuple[int, ...] | None = None,
+    receive_slots: int = 8,
+    warm_up: bool = True,
 ) -> dict:
     """Start the workers, run one untimed round (unless not `warm_up`) and one measured round;
     return the figures."""
@@ -76,13 +100,14 @@ def scale_round(
     from twin_pipelines.local_fleet import LocalFleet, SiteLaunch
     from twin_pipelines.resources import GrpcFleet, MlflowRegistry, RoundStore
 
+    cohort = _cohort(root, n_sites, hidden)
     ids = [s.site_id for s in simulated_sites(n_sites)]
     per = -(-n_sites // n_workers)
     launches = [
         SiteLaunch(
             f"worker-{w + 1}",
-            synthetic=True,
-            cohort_sites=n_sites,
+            data=cohort / "sites" / "{site}.csv",
+            schema=cohort / "schema.yaml",
             sites=tuple(ids[w * per : (w + 1) * per]),
         )
         for w in range(n_workers)
@@ -94,13 +119,15 @@ def scale_round(
         artifact_root=str(root / "artifacts"),
         model_name=f"scale-{n_sites}",
     )
-    config = RoundConfig(min_sites=n_sites, local_epochs=local_epochs)
+    config = RoundConfig(min_sites=n_sites, local_epochs=local_epochs, local_steps=local_steps)
     with LocalFleet(root / "sites") as workers, dg.instance_for_test() as instance:
         started = time.perf_counter()
         endpoints = workers.start(launches, timeout=900)
         startup = time.perf_counter() - started
         fleet = GrpcFleet(
-            endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()), insecure=True
+            endpoints=",".join(f"{s}={a}" for s, a in endpoints.items()),
+            insecure=True,
+            receive_slots=receive_slots,
         )
         defs = build_definitions(fleet=fleet, store=store, registry=registry)
         warm = run_round(defs, instance, config, log_level="ERROR") if warm_up else None
@@ -133,6 +160,8 @@ def scale_round(
             "worker_peak_sum": sum(_peak_rss(pid) for pid in pids),
             "update_bytes": sum(p.stat().st_size for p in updates),
             "model_bytes": updates[0].stat().st_size if updates else 0,
+            "slots_peak": fleet._slots().peak,
+            "receive_slots": receive_slots,
         }
 
 
@@ -158,19 +187,45 @@ def _result(name: str, f: dict, cores: int) -> Result:
     )
 
 
+def _memory_result(name: str, f: dict) -> Result:
+    return Result(
+        name,
+        f["orchestrator_heap"] / 1e6,
+        "MB",
+        None,
+        baseline=f["model_bytes"] / 1e6,
+        baseline_label="one model",
+        notes=(
+            f"{f['sites']} sites in {f['workers']} workers, model {mb(f['model_bytes'])}, "
+            f"{f['receive_slots']} receive slots (at most {f['slots_peak']} updates held at "
+            f"once): orchestrator heap peak +{mb(f['orchestrator_heap'])} over the round, "
+            f"resident +{mb(f['orchestrator_peak'] or 0)}; updates {mb(f['update_bytes'])} "
+            f"in total; round {f['wall']:.1f} s",
+        ),
+    )
+
+
 def run(quick: bool) -> list[Result]:
     cores = os.cpu_count() or 1
-    layouts = (
-        [(3, 1, "round, 1 local epoch, 3 virtual sites in 1 worker")]
-        if quick
-        else [
-            (10, 10, "round, 1 local epoch, 10 sites (10 worker processes)"),
-            (100, 4, "round, 1 local epoch, 100 virtual sites (4 worker processes)"),
-        ]
-    )
+    if quick:
+        with tempfile.TemporaryDirectory(prefix="twin-scale-") as tmp:
+            f = scale_round(3, 1, Path(tmp), warm_up=False, receive_slots=1)
+        # a cold round (no warm-up): its memory is mostly first imports, so no memory row
+        return [_result("round, 1 local epoch, 3 virtual sites in 1 worker", f, cores)]
     results = []
-    for n_sites, n_workers, name in layouts:
+    for n_sites, n_workers, name in (
+        (10, 10, "round, 1 local epoch, 10 sites (10 worker processes)"),
+        (100, 4, "round, 1 local epoch, 100 virtual sites (4 worker processes)"),
+    ):
         with tempfile.TemporaryDirectory(prefix=f"twin-scale-{n_sites}-") as tmp:
-            figures = scale_round(n_sites, n_workers, 1, Path(tmp), warm_up=not quick)
-        results.append(_result(name, figures, cores))
+            results.append(_result(name, scale_round(n_sites, n_workers, Path(tmp)), cores))
+    # peak memory against the number of sites: a 2.6 M-parameter twin (10 MB), one local step
+    for n_sites in (10, 40):
+        with tempfile.TemporaryDirectory(prefix=f"twin-memory-{n_sites}-") as tmp:
+            f = scale_round(
+                n_sites, 2, Path(tmp), local_epochs=0, local_steps=1, hidden=(1600, 1600)
+            )
+        results.append(
+            _memory_result(f"orchestrator heap peak, {n_sites} virtual sites, 10 MB twin", f)
+        )
     return results
