@@ -108,6 +108,7 @@ class SiteHandler:
         self._reference, self._reference_round = self._read_reference()
         self._last_drift: DriftSummary | None = None
         self._control: dict | None = None  # SCAFFOLD c_i, kept between rounds
+        self._residual: dict | None = None  # compression's error feedback (_compressed_update)
 
     @classmethod
     def from_source(cls, site_id: str, source: DataSource, **options) -> SiteHandler:
@@ -211,6 +212,7 @@ class SiteHandler:
             or not config.learning_rate > 0
         ):
             raise self._refuse("INVALID_ARGUMENT", f"unusable training config {config}")
+        self._check_compression(config, masking)
         with self._lock:
             quality = self.check_data()
             if not quality.success:
@@ -264,6 +266,12 @@ class SiteHandler:
                 )
                 if masking is not None:
                     update = {MASKED: self._mask(session, masking, update)}
+            if config.compression != "none":
+                if server_control:
+                    raise self._refuse("INVALID_ARGUMENT", "SCAFFOLD cannot run compressed")
+                update, metrics = self._compressed_update(
+                    round_key, model_weights, update, config, metrics
+                )
             self._keep_reference(round_key)
         self._journal(
             "train", round_key, examples=self.data.train_examples, steps=steps, seconds=seconds
@@ -300,6 +308,120 @@ class SiteHandler:
         for k, d in delta.items():
             out[k] = (np.asarray(start[k], np.float64) + d).astype(trained[k].dtype)
         return out, metrics
+
+    # -- update compression (twin_core/compression.py) ------------------------------------------
+    def _check_compression(self, config: TrainConfig, masking: MaskingPlan | None) -> None:
+        from twin_core.compression import METHODS
+
+        if config.compression not in METHODS:
+            raise self._refuse(
+                "INVALID_ARGUMENT",
+                f"unknown compression {config.compression!r} (choose {', '.join(METHODS)})",
+            )
+        if config.compression == "none":
+            return
+        if not 0 < config.topk_fraction <= 1:
+            raise self._refuse(
+                "INVALID_ARGUMENT", f"topk_fraction must be in (0, 1], got {config.topk_fraction}"
+            )
+        if masking is not None:
+            raise self._refuse(
+                "INVALID_ARGUMENT",
+                "compression cannot run under secure aggregation (the masked sum needs the full "
+                "update)",
+            )
+
+    def _compressed_update(self, round_key, start, trained, config, metrics):
+        """The update as a compressed payload. The residual it did not send is kept (and in
+        `state_dir`, if any, so a restarted worker keeps it) and added to the next update.
+
+        The residual is keyed by the schema and the model's tensor specs: a new model shape or
+        schema starts from zero. The residual this round started from is kept beside it, so a
+        re-executed round (same round key) encodes from the same residual again instead of
+        counting the first attempt's as sent."""
+        from twin_core.compression import encode_update
+
+        key = self._residual_key(start)
+        state = self._residual_state()
+        carried = None
+        if state is not None and state["key"] == key:
+            carried = state["before"] if state["round"] == round_key else state["after"]
+        try:
+            payload, residual = encode_update(
+                trained,
+                start,
+                config.compression,
+                carried,
+                config.topk_fraction,
+                max_norm=config.dp_clip if config.dp_clip > 0 else None,
+            )
+        except ValueError as exc:
+            raise self._refuse("INVALID_ARGUMENT", f"compression: {exc}") from None
+        self._keep_residual(
+            {"key": key, "round": round_key, "before": dict(carried or {}), "after": residual}
+        )
+        metrics = dict(metrics)
+        metrics["compression_residual_norm"] = float(
+            np.sqrt(sum(float(np.dot(r.ravel(), r.ravel())) for r in residual.values()))
+        )
+        return payload, metrics
+
+    def forget_residual(self) -> None:
+        """Drop compression's error-feedback residual (memory and state_dir): the next
+        compressed update starts from zero, as after a change of model."""
+        with self._lock:
+            self._residual = None
+            path = self._residual_path()
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def _residual_key(self, start: Mapping) -> str:
+        import hashlib
+
+        specs = [[n, str(a.dtype), list(a.shape)] for n, a in start.items()]
+        doc = json.dumps([self.schema.fingerprint, specs])
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    def _residual_path(self) -> Path | None:
+        return self.state_dir / "compression_residual.twt" if self.state_dir else None
+
+    def _residual_state(self) -> dict | None:
+        """The kept residual: in memory, else as an earlier run of this worker left it."""
+        from twin_core.weights import load_weights
+
+        path = self._residual_path()
+        if self._residual is None and path is not None and path.exists():
+            try:
+                stored = load_weights(path)
+            except InvalidWeights as exc:
+                log.warning(
+                    "site %s: compression residual unreadable, dropped: %s", self.site_id, exc
+                )
+                return None
+            parts: dict[str, dict] = {"before": {}, "after": {}}
+            for name, value in stored.weights.items():
+                part, _, tensor = name.partition("/")
+                parts.setdefault(part, {})[tensor] = np.array(value)
+            self._residual = {
+                "key": stored.meta.get("key", ""),
+                "round": stored.meta.get("round", ""),
+                "before": parts["before"],
+                "after": parts["after"],
+            }
+        return self._residual
+
+    def _keep_residual(self, state: dict) -> None:
+        from twin_core.weights import save_weights
+
+        self._residual = state
+        path = self._residual_path()
+        if path is not None:
+            both = {
+                f"{part}/{name}": v
+                for part in ("before", "after")
+                for name, v in state[part].items()
+            }
+            save_weights(path, both, {"key": state["key"], "round": state["round"]})
 
     def _mask(self, session: SiteSession, masking: MaskingPlan, weighted: Mapping) -> np.ndarray:
         from twin_core import secagg

@@ -94,6 +94,11 @@ class TrainConfig:
     # site keep large sites from drifting further than small ones each round (FedAvg's
     # objective then weighs sites by examples, not by examples x their steps)
     local_steps: int = 0
+    # update compression (twin_core.compression): "none", "float16", "int8" or "topk" (the
+    # topk_fraction largest entries of each tensor's delta); the site keeps what it did not
+    # send and adds it to its next update (error feedback)
+    compression: str = "none"
+    topk_fraction: float = 0.1
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,10 @@ class UpdateRecord:
     metrics: dict[str, float]
     train_seconds: float
     delta_norm: float
+    # the update's tensor bytes as they came over the wire (compressed or not) and as stored
+    # (the trained weights); 0: not measured (secure aggregation's masked vectors)
+    wire_bytes: int = 0
+    model_bytes: int = 0
 
 
 @dataclass(frozen=True)

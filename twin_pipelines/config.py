@@ -110,6 +110,16 @@ class RoundConfig(dg.Config):
         description="the campaign this round's privacy spending is booked to (default: the "
         "campaign the run belongs to, by its twin/campaign tag)",
     )
+    compression: str = Field(
+        default="none",
+        description="update compression at the sites: none, float16, int8 (per-tensor scale) or "
+        "topk (the topk_fraction largest entries of each tensor's update), with error feedback "
+        "(what a site does not send it adds to its next update); not with secure aggregation "
+        "or scaffold",
+    )
+    topk_fraction: float = Field(
+        default=0.1, description="topk compression: share of each tensor's entries sent (0, 1]"
+    )
     coverage_range: list[float] = Field(
         default_factory=list,
         description="patient twin: registration needs the pooled coverage of its 90 % "
@@ -151,6 +161,7 @@ class RoundConfig(dg.Config):
         if not self.max_update_norm > 0 or self.regression_tolerance < 0:
             out.append("max_update_norm must be > 0 and regression_tolerance >= 0")
         out += self._privacy_problems()
+        out += self._compression_problems()
         if self.coverage_range and not (
             len(self.coverage_range) == 2
             and 0 <= self.coverage_range[0] < self.coverage_range[1] <= 1
@@ -158,6 +169,30 @@ class RoundConfig(dg.Config):
             out.append(
                 f"coverage_range must be [low, high] with 0 <= low < high <= 1, "
                 f"got {self.coverage_range}"
+            )
+        return out
+
+    def _compression_problems(self) -> list[str]:
+        from twin_core.compression import METHODS
+
+        if self.compression not in METHODS:
+            return [f"unknown compression {self.compression!r} (choose {', '.join(METHODS)})"]
+        out = []
+        if not 0 < self.topk_fraction <= 1:
+            out.append(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.compression == "none":
+            return out
+        if self.secure_aggregation:
+            out.append(
+                f"compression {self.compression} cannot run with secure aggregation: the masked "
+                "sum needs every site's full update as integers (set compression: none, or "
+                "secure_aggregation: false; it is on by default in production mode)"
+            )
+        if self.strategy == "scaffold":
+            out.append(
+                f"compression {self.compression} cannot run with strategy scaffold: its control "
+                "variates travel beside the update uncompressed and assume the exact update "
+                "(set compression: none, or choose another strategy)"
             )
         return out
 
@@ -229,6 +264,10 @@ class RoundConfig(dg.Config):
             params.update(
                 screen_norm_z=self.screen_norm_z, screen_min_cosine=self.screen_min_cosine
             )
+        if self.compression != "none":
+            params["compression"] = self.compression
+            if self.compression == "topk":
+                params["topk_fraction"] = self.topk_fraction
         return params
 
     def aggregation_strategy(self) -> Strategy:
@@ -253,6 +292,8 @@ class RoundConfig(dg.Config):
             dp_clip=self.dp_clip,
             dpsgd_noise_multiplier=self.dpsgd_noise_multiplier,
             dpsgd_clip=self.dpsgd_clip,
+            compression=self.compression,
+            topk_fraction=self.topk_fraction,
         )
 
 

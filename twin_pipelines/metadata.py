@@ -72,6 +72,10 @@ def updates_metadata(updates: RoundUpdates) -> dict:
             "train_loss": u.metrics.get("train_loss"),
             "seconds": round(u.train_seconds, 3),
             "delta_norm": None if math.isnan(u.delta_norm) else u.delta_norm,  # NaN: masked
+            "wire_bytes": u.wire_bytes or None,  # 0: not measured (masked)
+            "compression_ratio": (
+                round(u.model_bytes / u.wire_bytes, 3) if u.wire_bytes and u.model_bytes else None
+            ),
         }
         for u in updates.updates
     ]
@@ -84,17 +88,36 @@ def updates_metadata(updates: RoundUpdates) -> dict:
         ("train_loss", "float"),
         ("seconds", "float"),
         ("delta_norm", "float"),
+        ("wire_bytes", "int"),
+        ("compression_ratio", "float"),
     ]
     return {
         "sites": table(columns, sorted(rows, key=lambda r: r["site"])),
         "succeeded": len(updates.updates),
         "failed": len(updates.failures),
         "total_examples": updates.total_examples,
+        **wire_metadata(updates),
         **(
             {"secure_aggregation": "on: the orchestrator holds only the sum"}
             if updates.secure_sum_path
             else {}
         ),
+    }
+
+
+def wire_metadata(updates: RoundUpdates) -> dict:
+    """Bytes of the updates on the wire (their tensors, compressed or not), what the same
+    updates take uncompressed, and the ratio (uncompressed / on the wire): numbers, so the UI
+    charts them across rounds. Empty where nothing was measured (secure aggregation)."""
+    measured = [u for u in updates.updates if u.wire_bytes and u.model_bytes]
+    if not measured:
+        return {}
+    wire = sum(u.wire_bytes for u in measured)
+    model = sum(u.model_bytes for u in measured)
+    return {
+        "bytes_on_wire": dg.MetadataValue.int(wire),
+        "uncompressed_bytes": dg.MetadataValue.int(model),
+        "compression_ratio": dg.MetadataValue.float(round(model / wire, 4)),
     }
 
 

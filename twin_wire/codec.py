@@ -175,6 +175,8 @@ def config_to_proto(config: TrainConfig) -> pb.TrainConfig:
         dp_clip=config.dp_clip,
         dpsgd_noise_multiplier=config.dpsgd_noise_multiplier,
         dpsgd_clip=config.dpsgd_clip,
+        compression=config.compression,
+        topk_fraction=config.topk_fraction,
     )
 
 
@@ -192,6 +194,8 @@ def config_from_proto(msg: pb.TrainConfig) -> TrainConfig:
         dp_clip=msg.dp_clip,
         dpsgd_noise_multiplier=msg.dpsgd_noise_multiplier,
         dpsgd_clip=msg.dpsgd_clip or 1.0,
+        compression=msg.compression or "none",
+        topk_fraction=msg.topk_fraction or 0.1,
     )
 
 

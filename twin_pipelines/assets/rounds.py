@@ -202,10 +202,16 @@ def _train_and_persist(
     update = site.train(
         key, plan.selection.schema_fingerprint, train_config, outgoing, config.train_timeout_s
     )
+    from twin_core.compression import payload_bytes, receive_update
+
+    wire_bytes = payload_bytes(update.weights)
     try:
         if update.num_examples <= 0:
             raise InvalidWeights(f"update claims {update.num_examples} training examples")
-        model, control_delta = scaffold.split(update.weights, scaffold.DELTA)
+        # a compressed update is decoded against the start model first: what is checked,
+        # stored and aggregated below is the trained weights, as without compression
+        weights = receive_update(update.weights, start, config.compression)
+        model, control_delta = scaffold.split(weights, scaffold.DELTA)
         norm = check_update(model, start, config.max_update_norm)
         if config.dp_clip > 0 and norm > config.dp_clip * (1 + 1e-4):
             raise InvalidWeights(
@@ -218,7 +224,9 @@ def _train_and_persist(
         store.save_rejected(key, site.site_id, update.weights, str(exc))
         raise
     meta = {"num_examples": update.num_examples, "steps": update.steps, "metrics": update.metrics}
-    path = store.save_update(key, site.site_id, update.weights, meta)
+    model_bytes = payload_bytes(weights)
+    meta["wire"] = {"compression": config.compression, "bytes": wire_bytes, "model": model_bytes}
+    path = store.save_update(key, site.site_id, weights, meta)
     return UpdateRecord(
         site.site_id,
         str(path),
@@ -227,6 +235,8 @@ def _train_and_persist(
         update.metrics,
         update.train_seconds,
         norm,
+        wire_bytes=wire_bytes,
+        model_bytes=model_bytes,
     )
 
 

@@ -96,7 +96,7 @@ class SiteInfo(_message.Message):
     def __init__(self, site_id: _Optional[str] = ..., task: _Optional[str] = ..., schema_json: _Optional[str] = ..., schema_fingerprint: _Optional[str] = ..., units: _Optional[int] = ..., train_examples: _Optional[int] = ..., holdout_examples: _Optional[int] = ..., moments: _Optional[_Iterable[_Union[ColumnMoments, _Mapping]]] = ..., versions: _Optional[_Mapping[str, str]] = ..., data_check_passed: _Optional[bool] = ..., data_check_score: _Optional[float] = ..., data_check_summary: _Optional[str] = ..., drift_known: _Optional[bool] = ..., dataset_drift: _Optional[bool] = ..., drifted_share: _Optional[float] = ..., train_units: _Optional[int] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "seed", "weight_decay", "optimizer", "proximal_mu", "time_budget_s", "dp_clip", "dpsgd_noise_multiplier", "dpsgd_clip", "local_steps")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "seed", "weight_decay", "optimizer", "proximal_mu", "time_budget_s", "dp_clip", "dpsgd_noise_multiplier", "dpsgd_clip", "local_steps", "compression", "topk_fraction")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,8 @@ class TrainConfig(_message.Message):
     DPSGD_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DPSGD_CLIP_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TOPK_FRACTION_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -121,7 +123,9 @@ class TrainConfig(_message.Message):
     dpsgd_noise_multiplier: float
     dpsgd_clip: float
     local_steps: int
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dpsgd_noise_multiplier: _Optional[float] = ..., dpsgd_clip: _Optional[float] = ..., local_steps: _Optional[int] = ...) -> None: ...
+    compression: str
+    topk_fraction: float
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., weight_decay: _Optional[float] = ..., optimizer: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., time_budget_s: _Optional[float] = ..., dp_clip: _Optional[float] = ..., dpsgd_noise_multiplier: _Optional[float] = ..., dpsgd_clip: _Optional[float] = ..., local_steps: _Optional[int] = ..., compression: _Optional[str] = ..., topk_fraction: _Optional[float] = ...) -> None: ...
 
 class TrainHeader(_message.Message):
     __slots__ = ("site_id", "round_key", "schema_fingerprint", "config", "weights", "masking")
