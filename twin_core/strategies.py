@@ -3,6 +3,8 @@
 fedavg           weighted by examples (McMahan et al., AISTATS 2017); a site that did only part of
                  its planned local steps (a straggler) counts for that part
 fedavg_uniform   every site the same weight
+fedavg_sqrt      weighted by the square root of examples: between the two, so that a small
+                 site is not drowned by a large one nor a large one by many small ones
 fedavg_quality   examples x the site's data-check score
 median           coordinate-wise median (Yin et al., ICML 2018)
 trimmed_mean     coordinate-wise trimmed mean (same paper)
@@ -28,7 +30,7 @@ from twin_core.aggregation import WeightedMean
 from twin_core.server_optimizers import OPTIMIZERS, ServerOptimizer, ServerState, server_step
 from twin_core.weights import Weights
 
-WEIGHTED = ("fedavg", "fedavg_uniform", "fedavg_quality")
+WEIGHTED = ("fedavg", "fedavg_uniform", "fedavg_sqrt", "fedavg_quality")
 ROBUST = ("median", "trimmed_mean", "krum", "multi_krum")
 STRATEGIES = WEIGHTED + ROBUST + OPTIMIZERS + ("scaffold",)
 # the strategies that need only the (weighted) sum of the updates, so secure aggregation and
@@ -76,6 +78,8 @@ class Strategy:
         """A site's weight in the weighted mean (examples for the server-optimiser family)."""
         if self.name == "fedavg_uniform":
             return 1.0
+        if self.name == "fedavg_sqrt":
+            return math.sqrt(float(site.num_examples)) * site.completion
         base = float(site.num_examples) * site.completion
         return base * site.quality if self.name == "fedavg_quality" else base
 

@@ -33,6 +33,19 @@ def test_weighted_strategies_by_hand(name, expected):
     assert model["w"].tolist() == expected and state is None
 
 
+def test_square_root_weights_by_hand():
+    # 4 and 16 examples: weights 2 and 4 -> (2 * 1 + 4 * 3) / 6 = 7 / 3; a straggler that did
+    # half its steps counts for half of its square root: weights 2 and 2 -> 2.0
+    updates = [(_site("a", 4), _w(1.0)), (_site("b", 16), _w(3.0))]
+    assert aggregate(Strategy("fedavg_sqrt"), _w(0.0), updates)[0]["w"].tolist() == (
+        pytest.approx([7 / 3])
+    )
+    half = [(_site("a", 4), _w(1.0)), (_site("b", 16, steps=5, planned=10), _w(3.0))]
+    assert aggregate(Strategy("fedavg_sqrt"), _w(0.0), half)[0]["w"].tolist() == (
+        pytest.approx([2.0])
+    )
+
+
 def test_quality_and_partial_work_scale_a_site_s_weight():
     # b did half its planned steps (a straggler): weight 30 * 0.5 = 15 -> (10 + 45) / 25 = 2.2
     straggler = [(_site("a", 10), _w(1.0)), (_site("b", 30, steps=5, planned=10), _w(3.0))]
