@@ -24,8 +24,8 @@ class RoundConfig(dg.Config):
     )
     strategy: str = Field(
         default="fedavg",
-        description="fedavg, fedavg_uniform, fedavg_quality, median, trimmed_mean, krum, "
-        "multi_krum, fedavgm, fedadagrad, fedadam or fedyogi (see twin_core.strategies)",
+        description="fedavg, fedavg_uniform, fedavg_sqrt, fedavg_quality, median, trimmed_mean, "
+        "krum, multi_krum, fedavgm, fedadagrad, fedadam or fedyogi (see twin_core.strategies)",
     )
     trim_fraction: float = Field(default=0.2, description="trimmed_mean: share cut at each end")
     krum_f: int = Field(default=1, description="krum: attackers to tolerate (needs n > 2f + 2)")
