@@ -1,10 +1,12 @@
 """Benchmark 1: aggregation throughput, in GB/s of update bytes read.
 
 The subject is the pipeline's own path: updates persisted as .twt files by the RoundStore
-(`save_update`, as `site_updates` does), then, as `global_model` does, loaded one at a time in
-sorted site order (`RoundStore.load`: memory-mapped, SHA-256 checked) and folded into the
-FedAvg weighted mean (`twin_core.strategies.aggregate`, i.e. `WeightedMean`), up to the
-candidate's arrays. The baseline is a plain numpy copy (`np.copyto`) of the same bytes from
+(`save_update`, as `site_updates` does), then, as `global_model` does, loaded in sorted site
+order (`RoundStore.load(check_as_read=True)`: memory-mapped, size and header checked, each
+page's checksum checked by `WeightedMean` just before it folds the page) and folded into the
+FedAvg weighted mean (`twin_core.strategies.aggregate`, i.e. `WeightedMean`: `FOLD_GROUP`
+updates per pass over the accumulator, on `FOLD_THREADS` threads), up to the candidate's
+arrays. The baseline is a plain numpy copy (`np.copyto`) of the same bytes from
 the same files into a model-sized buffer. Peak memory is measured on one extra, untimed pass.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import PeakMemory, Result, Target, interleaved, mb, median
+from twin_core.aggregation import FOLD_THREADS
 
 ORDER = 1
 TITLE = "aggregation throughput"
@@ -42,6 +45,23 @@ def model_of(params: int, seed: int = 0) -> dict[str, np.ndarray]:
         name: rng.standard_normal(int(np.prod(shape)), dtype=np.float32).reshape(shape)
         for name, shape in sizes.items()
     }
+
+
+def cpu_interleaved(subject, baseline, repeats: int) -> tuple[float, float]:
+    """Median CPU seconds of this process (all its threads) per call of `subject` and of
+    `baseline`, run alternately: the work each does, which a loaded machine does not inflate
+    as it does their wall-clock times (both still pay for cache and memory contention)."""
+    import time
+
+    subject_s, baseline_s = [], []
+    for _ in range(repeats):
+        start = time.process_time()
+        baseline()
+        baseline_s.append(time.process_time() - start)
+        start = time.process_time()
+        subject()
+        subject_s.append(time.process_time() - start)
+    return median(subject_s), median(baseline_s)
 
 
 def _label(n: int, params: int) -> str:
@@ -70,7 +90,7 @@ def _case(n: int, params: int, repeats: int, root: Path) -> Result:
         updates_in = (
             (
                 SiteContribution(s, examples[s], 10, planned_steps(1, 32, examples[s], 10)),
-                store.load(paths[s]).weights,
+                store.load(paths[s], check_as_read=True).weights,
             )
             for s in sorted(sites)
         )
@@ -93,7 +113,7 @@ def _case(n: int, params: int, repeats: int, root: Path) -> Result:
     read = n * model_bytes
     figure, base = read / median(subject_s) / 1e9, read / median(baseline_s) / 1e9
 
-    # where the time goes: the SHA-256 check alone, and the fold of unverified loads alone
+    # where the time goes: the whole-file check alone, and the fold of unchecked loads alone
     def verify_only() -> None:
         for s in sorted(sites):
             load_weights(paths[s], verify=True)
@@ -106,6 +126,21 @@ def _case(n: int, params: int, repeats: int, root: Path) -> Result:
         aggregate(strategy, start, unchecked, None)
 
     verify_s, fold_s = interleaved(verify_only, fold_only, 1 if repeats < 5 else 3, warmup=0)
+
+    # the same path folded on one thread, against the same baseline
+    def one_thread_subject() -> None:
+        from twin_core import aggregation
+
+        saved = aggregation.FOLD_THREADS
+        aggregation.FOLD_THREADS = 1
+        try:
+            subject()
+        finally:
+            aggregation.FOLD_THREADS = saved
+
+    single_s, base1_s = interleaved(one_thread_subject, baseline, 1 if repeats < 5 else 3)
+    one_thread = median(base1_s) / median(single_s)
+    cpu_subject, cpu_baseline = cpu_interleaved(one_thread_subject, baseline, 3)
     verify_gbs, fold_gbs = read / median(verify_s) / 1e9, read / median(fold_s) / 1e9
 
     with PeakMemory() as peak:
@@ -126,8 +161,11 @@ def _case(n: int, params: int, repeats: int, root: Path) -> Result:
         notes=(
             f"model {mb(model_bytes)}, {n} updates = {mb(read)} read; median of {repeats}; "
             f"heap peak {mb(peak.heap)} = {peak.heap / model_bytes:.1f} x model{rss}; "
-            f"apart: load + SHA-256 check {verify_gbs:.2f} GB/s, "
-            f"fold of unchecked loads {fold_gbs:.2f} GB/s",
+            f"apart: load + whole-file page-checksum check {verify_gbs:.2f} GB/s, "
+            f"fold of unchecked loads {fold_gbs:.2f} GB/s; "
+            f"{FOLD_THREADS} fold thread(s), {one_thread:.0%} of the baseline on one; "
+            f"CPU time on one thread {cpu_subject * 1e3:.0f} ms, baseline "
+            f"{cpu_baseline * 1e3:.0f} ms: {cpu_baseline / cpu_subject:.0%}",
         ),
     )
 

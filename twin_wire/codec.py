@@ -1,14 +1,22 @@
 """The one module that maps protobuf messages to twin_core values and back.
 
-Weights travel as a header (tensor names, dtypes, shapes, total length, SHA-256) followed by
-the raw bytes in chunks of at most `CHUNK_BYTES`, so no message comes near gRPC's 4 MiB limit
-whatever the model's size.
+Weights travel as a header (tensor names, dtypes, shapes, total length) followed by the raw
+bytes in chunks of at most `CHUNK_BYTES`, so no message comes near gRPC's 4 MiB limit
+whatever the model's size. The SHA-256 of the whole stream travels in the header when the
+sender already knows it (weights loaded from a checked file or received from a checked
+stream: `twin_core.weights.known_manifest`), else in the last chunk (`Chunk.sha256`, the
+trailer): the sender hashes each chunk as it sends it instead of hashing the whole model
+before the first byte leaves. The receiver hashes each chunk as it arrives and refuses the
+weights unless the stream is complete and its SHA-256 is the one the sender declared.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import queue
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -27,10 +35,12 @@ from twin_core.secagg import AdvertisedKeys, MaskingPlan, RevealedShare, SealedS
 from twin_core.weights import (
     Manifest,
     TensorSpec,
+    VerifiedWeights,
     Weights,
     check_manifest,
     iter_tensor_bytes,
-    manifest_of,
+    known_manifest,
+    specs_of,
     weights_from_buffer,
 )
 from twin_wire.v1 import site_pb2 as pb
@@ -82,16 +92,86 @@ def _chunk_data(
         yield offset, bytes(pending)
 
 
+class _Hasher:
+    """SHA-256 of a stream fed piece by piece, computed on a thread of its own (hashlib
+    releases the GIL), so that hashing one chunk overlaps receiving and parsing the next."""
+
+    def __init__(self) -> None:
+        digest = hashlib.sha256()
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run() -> None:
+            while (piece := pieces.get()) is not None:
+                digest.update(piece)
+
+        self._digest, self._pieces = digest, pieces
+        self._thread = threading.Thread(target=run, name="twin-wire-sha256", daemon=True)
+        self._thread.start()
+        # a stream abandoned half way (refused, cancelled) still ends the thread
+        weakref.finalize(self, pieces.put, None)
+
+    def update(self, piece: memoryview) -> None:
+        """Queue `piece`, which must not change until `hexdigest` returns."""
+        self._pieces.put(piece)
+
+    def hexdigest(self) -> str:
+        self._pieces.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
+
+
+def weights_header(weights: Mapping[str, np.ndarray]) -> pb.WeightsHeader:
+    """The header for streaming `weights`: its SHA-256 only when already known (else empty,
+    and the stream's last chunk carries it: `_stream`)."""
+    known = known_manifest(weights)
+    if known is not None:
+        return manifest_to_proto(known)
+    return pb.WeightsHeader(
+        tensors=[
+            pb.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape))
+            for t in specs_of(weights)
+        ],
+        total_bytes=sum(int(a.nbytes) for a in weights.values()),
+    )
+
+
 def weight_chunks(
-    weights: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
+    weights: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES, trailer: bool = False
 ) -> Iterator[pb.Chunk]:
-    """The model's bytes as chunks of `chunk_bytes` (small tensors are packed together)."""
+    """The model's bytes as chunks of `chunk_bytes` (small tensors are packed together); with
+    `trailer`, the last chunk carries the SHA-256 of them all (one empty chunk if none)."""
+    for offset, data, digest in _chunk_parts(weights, chunk_bytes, trailer):
+        yield pb.Chunk(offset=offset, data=data, sha256=digest)
+
+
+def _chunk_parts(
+    weights: Mapping[str, np.ndarray], chunk_bytes: int, trailer: bool
+) -> Iterator[tuple[int, bytes, str]]:
+    """`(offset, data, sha256)`: sha256 empty but on the last chunk, with `trailer`."""
+    if not trailer:
+        for offset, data in _chunk_data(weights, chunk_bytes):
+            yield offset, data, ""
+        return
+    digest = _Hasher()  # on its own thread: hashing overlaps serialising and sending
+    previous = None
     for offset, data in _chunk_data(weights, chunk_bytes):
-        yield pb.Chunk(offset=offset, data=data)
+        digest.update(memoryview(data))
+        if previous is not None:
+            yield previous[0], previous[1], ""
+        previous = (offset, data)
+    if previous is None:
+        yield 0, b"", digest.hexdigest()
+    else:
+        yield previous[0], previous[1], digest.hexdigest()
 
 
 class WeightsAssembler:
-    """Receives a chunk stream for a manifest and checks order, length and checksum."""
+    """Receives a chunk stream for a manifest and checks order, length and checksum.
+
+    The checksum is the manifest's SHA-256 when the header carried one, else the one the
+    last chunk carries (the trailer). Each chunk is hashed as it arrives, on a thread of its
+    own, from the assembled buffer.
+    """
 
     def __init__(self, manifest: Manifest) -> None:
         try:
@@ -108,9 +188,13 @@ class WeightsAssembler:
         self._buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         self._view = memoryview(self._buffer)
         self._offset = 0
-        self._digest = hashlib.sha256()
+        self._digest = _Hasher()
+        self._declared = manifest.sha256
+        self._trailer = ""
 
     def add(self, chunk: pb.Chunk) -> None:
+        if self._trailer:
+            raise MalformedStream("a chunk arrived after the chunk that carried the checksum")
         if chunk.offset != self._offset:
             raise MalformedStream(f"chunk at offset {chunk.offset}, expected {self._offset}")
         data = chunk.data  # each read of a bytes field copies it out of the message
@@ -120,26 +204,43 @@ class WeightsAssembler:
                 f"stream runs past the {self.manifest.total_bytes} bytes its header declares"
             )
         self._view[self._offset : end] = data
-        self._digest.update(data)
+        self._digest.update(self._view[self._offset : end])  # written once, never again
         self._offset = end
+        if chunk.sha256:
+            if self._declared and chunk.sha256 != self._declared:
+                raise MalformedStream("the trailer's SHA-256 differs from the header's")
+            self._trailer = chunk.sha256
 
     def finish(self) -> Weights:
         if self._offset != self.manifest.total_bytes:
             raise MalformedStream(
                 f"stream ended after {self._offset} of {self.manifest.total_bytes} bytes"
             )
-        if self._digest.hexdigest() != self.manifest.sha256:
-            raise MalformedStream("SHA-256 of the received weights does not match the header")
-        return weights_from_buffer(self.manifest, self._view)
+        declared = self._declared or self._trailer
+        if not declared:
+            raise MalformedStream(
+                "stream ended without its SHA-256 (neither in the header nor in a last chunk)"
+            )
+        digest = self._digest.hexdigest()
+        if digest != declared:
+            raise MalformedStream("SHA-256 of the received weights does not match the sender's")
+        # read-only: the checked manifest stays true of these arrays (known_manifest)
+        self._buffer.flags.writeable = False
+        manifest = Manifest(self.manifest.tensors, self.manifest.total_bytes, digest)
+        return VerifiedWeights(manifest, weights_from_buffer(manifest, self._buffer))
 
 
-def _stream(message_type: type, header: object, weights: Mapping) -> Iterator:
-    """A `oneof part {header, chunk}` stream: the header, then the weights' chunks."""
+def _stream(message_type: type, header: object, weights: Mapping, weights_header) -> Iterator:
+    """A `oneof part {header, chunk}` stream: the header, then the weights' chunks (the last
+    one with the SHA-256 unless `weights_header` carries it)."""
     yield message_type(header=header)
-    for offset, data in _chunk_data(weights):
+    trailer = not weights_header.sha256
+    for offset, data, digest in _chunk_parts(weights, CHUNK_BYTES, trailer):
         message = message_type()  # filled in place: `message_type(chunk=...)` copies the chunk
         message.chunk.offset = offset
         message.chunk.data = data
+        if digest:
+            message.chunk.sha256 = digest
         yield message
 
 
@@ -365,16 +466,17 @@ def train_requests(
     weights: Mapping,
     masking: MaskingPlan | None = None,
 ) -> Iterator[pb.TrainRequest]:
+    weights_part = weights_header(weights)
     header = pb.TrainHeader(
         site_id=site_id,
         round_key=round_key,
         schema_fingerprint=schema_fingerprint,
         config=config_to_proto(config),
-        weights=manifest_to_proto(manifest_of(weights)),
+        weights=weights_part,
     )
     if masking is not None:
         header.masking.CopyFrom(masking_to_proto(masking))
-    return _stream(pb.TrainRequest, header, weights)
+    return _stream(pb.TrainRequest, header, weights, weights_part)
 
 
 def read_train_requests(requests: Iterable[pb.TrainRequest]) -> TrainCall:
@@ -460,9 +562,9 @@ def train_replies(update: SiteUpdate) -> Iterator[pb.TrainReply]:
         steps=update.steps,
         metrics=update.metrics,
         train_seconds=update.train_seconds,
-        weights=manifest_to_proto(manifest_of(update.weights)),
+        weights=weights_header(update.weights),
     )
-    return _stream(pb.TrainReply, header, update.weights)
+    return _stream(pb.TrainReply, header, update.weights, header.weights)
 
 
 def read_train_replies(replies: Iterable[pb.TrainReply]) -> SiteUpdate:
@@ -485,9 +587,9 @@ def evaluate_requests(
         site_id=site_id,
         round_key=round_key,
         schema_fingerprint=schema_fingerprint,
-        weights=manifest_to_proto(manifest_of(weights)),
+        weights=weights_header(weights),
     )
-    return _stream(pb.EvaluateRequest, header, weights)
+    return _stream(pb.EvaluateRequest, header, weights, header.weights)
 
 
 def read_evaluate_requests(requests: Iterable[pb.EvaluateRequest]) -> EvaluateCall:

@@ -267,3 +267,134 @@ def test_blocked_fold_gives_the_bits_of_the_one_line_expression():
         expected = np.rint(expected).astype(dtype) if name == "count" else expected.astype(dtype)
         assert out[name].dtype == expected.dtype and out[name].shape == expected.shape
         assert out[name].tobytes() == expected.tobytes(), name
+
+
+# ---- the grouped, threaded fold: the same bits as the one-line expression ---------------------
+def _reference(updates) -> dict[str, np.ndarray]:
+    """The fold as it was first written, one update at a time, then the same `result()`."""
+    sums: dict[str, np.ndarray] = {}
+    total = 0.0
+    for weights, weight in updates:
+        for name, array in weights.items():
+            product = np.asarray(array, np.float64) * weight
+            sums[name] = sums[name] + product if name in sums else 0.0 + product
+        total += float(weight)
+    out = {}
+    for name, acc in sums.items():
+        dtype = updates[0][0][name].dtype
+        mean = acc / total
+        if dtype.kind in "iub":
+            mean = np.rint(mean)
+        out[name] = mean.astype(dtype)
+    return out
+
+
+def _random_updates(count: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    updates = []
+    for _ in range(count):
+        weights = {
+            "big": rng.standard_normal(70_001, dtype=np.float32) * 1e3,
+            "matrix": rng.standard_normal((33, 17)).astype(np.float16),
+            "f64": rng.standard_normal(5000),
+            "count": rng.integers(0, 1000, size=(3,), dtype=np.int64),
+            "scalar": np.float32(rng.standard_normal()).reshape(()),
+            "empty": np.zeros((0, 4), np.float32),
+        }
+        updates.append((weights, float(rng.integers(1, 5000)) * rng.uniform(0.1, 1.0)))
+    return updates
+
+
+@pytest.mark.parametrize(("group", "threads"), [(1, 1), (3, 1), (16, 1), (1, 2), (4, 3), (16, 2)])
+def test_grouped_threaded_fold_is_bit_identical_to_the_one_line_expression(
+    group, threads, monkeypatch
+):
+    import twin_core.aggregation as module
+
+    # small blocks and splits, so groups, blocks and thread ranges all have seams
+    monkeypatch.setattr(module, "GROUP_BLOCK", 4096)
+    updates = _random_updates(11)
+    mean = WeightedMean(group=group, threads=threads)
+    for weights, weight in updates:
+        mean.add(weights, weight)
+    got, want = mean.result(), _reference(updates)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_default_fold_is_bit_identical_at_real_sizes():
+    rng = np.random.default_rng(5)
+    updates = [
+        ({"w": rng.standard_normal(600_000, dtype=np.float32)}, float(100 + 7 * i))
+        for i in range(20)
+    ]
+    assert fedavg(updates)["w"].tobytes() == _reference(updates)["w"].tobytes()
+
+
+def test_pending_updates_are_folded_by_result_and_counted():
+    mean = WeightedMean(group=8)
+    mean.add({"w": _f32([1.0])}, 1)
+    mean.add({"w": _f32([3.0])}, 1)
+    assert mean.count == 2
+    np.testing.assert_array_equal(mean.result()["w"], _f32([2.0]))
+
+
+def test_shape_mismatch_rejected_before_anything_is_folded():
+    mean = WeightedMean()
+    mean.add({"w": _f32([1.0, 2.0]), "b": _f32([1.0])}, 1)
+    with pytest.raises(InvalidWeights, match="shape"):
+        mean.add({"w": _f32([1.0, 2.0]), "b": _f32([1.0, 2.0])}, 1)
+    assert mean.count == 1
+    np.testing.assert_array_equal(mean.result()["w"], _f32([1.0, 2.0]))
+
+
+# ---- updates whose file pages are checked as they are folded ----------------------------------
+def _saved(tmp_path, updates):
+    from twin_core.weights import save_weights
+
+    paths = []
+    for i, (weights, _) in enumerate(updates):
+        paths.append(tmp_path / f"u{i}.twt")
+        save_weights(paths[-1], weights)
+    return paths
+
+
+def test_checked_as_read_gives_the_same_bits_as_checked_first(tmp_path):
+    from twin_core.weights import load_weights
+
+    updates = _random_updates(5, seed=2)
+    paths = _saved(tmp_path, updates)
+    as_read = fedavg(
+        (load_weights(p, check_as_read=True).weights, w)
+        for p, (_, w) in zip(paths, updates, strict=True)
+    )
+    first = fedavg((load_weights(p).weights, w) for p, (_, w) in zip(paths, updates, strict=True))
+    want = _reference(updates)
+    for name in want:
+        assert as_read[name].tobytes() == first[name].tobytes() == want[name].tobytes(), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_corrupt_update_file_is_refused_before_its_damaged_page_is_folded(tmp_path, threads):
+    from twin_core.weights import PAGE_BYTES, load_weights
+
+    updates = _random_updates(4, seed=3)
+    paths = _saved(tmp_path, updates)
+    data = bytearray(paths[2].read_bytes())
+    body = len(data) - sum(a.nbytes for a in updates[2][0].values())
+    damaged_at = body + 5 * PAGE_BYTES + 100  # inside "big"
+    data[damaged_at] ^= 0x04
+    paths[2].write_bytes(bytes(data))
+
+    mean = WeightedMean(threads=threads)
+    with pytest.raises(InvalidWeights, match=f"{paths[2].name} fails its checksum.*page 5"):
+        for path, (_, weight) in zip(paths, updates, strict=True):
+            mean.add(load_weights(path, check_as_read=True).weights, weight)
+        mean.result()
+    # the block holding the damaged page has the first two updates in it and nothing of the third
+    element = (damaged_at - body) // 4
+    (u0, w0), (u1, w1) = updates[0], updates[1]
+    expected = 0.0 + np.float64(u0["big"][element]) * w0 + np.float64(u1["big"][element]) * w1
+    assert mean._sums["big"][element] == expected

@@ -10,15 +10,20 @@ import pytest
 
 from twin_core.errors import InvalidWeights
 from twin_core.weights import (
+    PAGE_BYTES,
     Manifest,
+    PageCheckedWeights,
     TensorSpec,
+    VerifiedWeights,
     check_compatible,
     check_manifest,
     check_update,
     delta_norm,
+    known_manifest,
     load_weights,
     manifest_of,
     non_finite_tensors,
+    page_checksums,
     save_weights,
     specs_of,
     weights_from_buffer,
@@ -407,3 +412,157 @@ def test_check_manifest_rejects(manifest, pattern):
         check_manifest(manifest)
     with pytest.raises(InvalidWeights, match=pattern):
         weights_from_buffer(manifest, b"\x00" * manifest.total_bytes)
+
+
+# ---- page checksums at rest, known manifests, pages checked as read ----------------------------
+def _big_model() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {
+        "a": rng.standard_normal(5000, dtype=np.float32),  # 20,000 bytes: pages 0-4
+        "n": np.array(7, dtype=np.int64),
+        "b": rng.standard_normal(3001).astype(np.float16),
+    }
+
+
+def _body_start(path, manifest: Manifest) -> int:
+    return path.stat().st_size - manifest.total_bytes
+
+
+def test_page_checksums_catch_every_single_bit_flip():
+    body = bytearray(np.random.default_rng(0).integers(0, 256, 100, dtype=np.uint8).tobytes())
+    reference = page_checksums(body)
+    for byte in range(len(body)):
+        for bit in range(8):
+            body[byte] ^= 1 << bit
+            assert not np.array_equal(page_checksums(body), reference), (byte, bit)
+            body[byte] ^= 1 << bit
+
+
+def test_page_checksums_are_word_sums_per_page():
+    body = np.arange(PAGE_BYTES // 8 * 2 + 3, dtype="<u8").tobytes()[:-5]  # 2 pages and a bit
+    sums = page_checksums(body)
+    words = np.frombuffer(body[: 2 * PAGE_BYTES], "<u8").reshape(2, -1)
+    tail = np.frombuffer(body[2 * PAGE_BYTES :] + b"\0" * 5, "<u8")
+    assert sums.tolist() == [*words.sum(axis=1).tolist(), int(tail.sum())]
+
+
+def test_saved_body_is_aligned_and_last(tmp_path):
+    w = _big_model()
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, w, {"x": "y" * 123})
+    assert _body_start(path, manifest) % 64 == 0
+    assert path.read_bytes()[-manifest.total_bytes :] == weights_to_bytes(w)
+
+
+def test_corrupt_page_in_file_is_named(tmp_path):
+    w = _big_model()
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, w)
+    data = bytearray(path.read_bytes())
+    data[_body_start(path, manifest) + 3 * PAGE_BYTES + 10] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidWeights, match=f"1 damaged page.*byte {3 * PAGE_BYTES} of the body"):
+        load_weights(path)
+
+
+def test_zeroed_page_in_file_is_detected(tmp_path):
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, _big_model())
+    data = bytearray(path.read_bytes())
+    start = _body_start(path, manifest) + PAGE_BYTES
+    data[start : start + PAGE_BYTES] = bytes(PAGE_BYTES)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidWeights, match="checksum"):
+        load_weights(path)
+
+
+def test_corrupt_header_is_detected(tmp_path):
+    path = tmp_path / "m.twt"
+    save_weights(path, _model(), {"note": "abc"})
+    data = path.read_bytes()
+    assert data.count(b'"abc"') == 1
+    path.write_bytes(data.replace(b'"abc"', b'"abd"'))  # still valid JSON
+    with pytest.raises(InvalidWeights, match="header is corrupt"):
+        load_weights(path)
+
+
+def test_extended_file_is_detected(tmp_path):
+    path = tmp_path / "m.twt"
+    save_weights(path, _model())
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(InvalidWeights, match="checksum"):
+        load_weights(path)
+
+
+def test_first_format_files_still_read_and_checked_by_sha256(tmp_path):
+    w = _model()
+    manifest = manifest_of(w)
+    header = json.dumps({"manifest": manifest.as_json(), "meta": {"v": 1}}).encode()
+    path = tmp_path / "old.twt"
+    path.write_bytes(b"TWINWTS1" + len(header).to_bytes(8, "little") + header + weights_to_bytes(w))
+    stored = load_weights(path)
+    assert stored.meta == {"v": 1} and stored.manifest == manifest
+    _same_bytes(stored.weights, w)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidWeights, match="checksum"):
+        load_weights(path)
+
+
+def test_loaded_weights_carry_their_manifest_read_only(tmp_path):
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, _model())
+    stored = load_weights(path)
+    assert isinstance(stored.weights, VerifiedWeights)
+    assert known_manifest(stored.weights) == manifest == manifest_of(stored.weights)
+    assert not any(a.flags.writeable for a in stored.weights.values())
+    assert known_manifest(dict(stored.weights)) is None  # a copy proves nothing
+    assert known_manifest(load_weights(path, verify=False).weights) is None
+
+
+def test_known_manifest_lost_when_an_array_is_replaced(tmp_path):
+    path = tmp_path / "m.twt"
+    save_weights(path, _model())
+    weights = load_weights(path).weights
+    weights["layer.bias"] = np.array([9.0, 9.0], np.float32)
+    assert known_manifest(weights) is None
+    assert known_manifest(_model()) is None
+
+
+def test_save_reuses_a_known_manifest_and_hashes_anything_else(tmp_path, monkeypatch):
+    import twin_core.weights as module
+
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, _model())
+    stored = load_weights(path)
+
+    def no_hashing(_weights):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(module, "manifest_of", no_hashing)
+    assert save_weights(tmp_path / "again.twt", stored.weights) == manifest
+    _same_bytes(load_weights(tmp_path / "again.twt").weights, _model())
+    with pytest.raises(AssertionError, match="hashed again"):
+        save_weights(tmp_path / "plain.twt", dict(stored.weights))
+
+
+def test_check_as_read_checks_header_and_size_now_pages_later(tmp_path):
+    w = _big_model()
+    path = tmp_path / "m.twt"
+    manifest = save_weights(path, w)
+    stored = load_weights(path, check_as_read=True)
+    assert isinstance(stored.weights, PageCheckedWeights)
+    assert known_manifest(stored.weights) is None
+    assert stored.weights.offsets == {"a": 0, "n": 20_000, "b": 20_008}
+    stored.weights.checker.check(0, manifest.total_bytes)  # intact
+    data = bytearray(path.read_bytes())
+    data[_body_start(path, manifest) + 20_001] ^= 0x01  # in "n", page 4
+    path.write_bytes(bytes(data))
+    damaged = load_weights(path, check_as_read=True).weights  # the body is not read yet
+    damaged.checker.check(0, 4 * PAGE_BYTES)  # pages 0-3 are intact
+    with pytest.raises(InvalidWeights, match=f"{path.name} fails its checksum.*page 4"):
+        damaged.checker.check(20_000, 20_008)
+    path.write_bytes(bytes(data[:-1]))
+    with pytest.raises(InvalidWeights, match="checksum"):
+        load_weights(path, check_as_read=True)

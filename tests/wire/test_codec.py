@@ -419,10 +419,18 @@ def test_train_replies_round_trip_site_update_exactly():
     _assert_bit_exact(back.weights, update.weights)
 
 
-def test_train_replies_checksum_in_header_matches_weights():
+def test_train_replies_checksum_in_trailer_matches_weights():
+    # fresh weights: the header has the layout, the last chunk the SHA-256 (hashed as sent)
     update = SiteUpdate("s", "r", _model(), 1, 1, {}, 0.0)
-    header = next(train_replies(update)).header
-    assert manifest_from_proto(header.weights) == manifest_of(update.weights)
+    msgs = list(train_replies(update))
+    expected = manifest_of(update.weights)
+    header = manifest_from_proto(msgs[0].header.weights)
+    assert (header.tensors, header.total_bytes, header.sha256) == (
+        expected.tensors,
+        expected.total_bytes,
+        "",
+    )
+    assert [m.chunk.sha256 for m in msgs[1:]] == [""] * (len(msgs) - 2) + [expected.sha256]
 
 
 def test_evaluate_requests_round_trip():
@@ -440,3 +448,127 @@ def test_train_replies_malformed_rejected():
         read_train_replies(msgs[1:])
     with pytest.raises(MalformedStream, match="stream ended after 0"):
         read_train_replies(msgs[:1])
+
+
+# ---- the SHA-256 in a trailer, and a SHA-256 already known -------------------------------------
+def _layout_only(w) -> Manifest:
+    m = manifest_of(w)
+    return Manifest(m.tensors, m.total_bytes, "")
+
+
+def test_trailer_carries_the_sha256_on_the_last_chunk_only():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    assert [c.sha256 for c in chunks] == [""] * (len(chunks) - 1) + [manifest_of(w).sha256]
+    _assert_bit_exact(_assemble(_layout_only(w), chunks), w)
+
+
+def test_empty_model_streams_one_empty_chunk_with_the_trailer():
+    chunks = list(weight_chunks({}, 16, trailer=True))
+    assert len(chunks) == 1 and chunks[0].data == b""
+    assert chunks[0].sha256 == manifest_of({}).sha256
+    assert _assemble(_layout_only({}), chunks) == {}
+
+
+def test_assembler_rejects_wrong_trailer_digest():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    chunks[-1] = pb.Chunk(offset=chunks[-1].offset, data=chunks[-1].data, sha256="0" * 64)
+    with pytest.raises(MalformedStream, match="SHA-256 of the received weights does not match"):
+        _assemble(_layout_only(w), chunks)
+
+
+def test_assembler_rejects_corrupt_chunk_under_a_trailer():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    data = bytearray(chunks[2].data)
+    data[0] ^= 0x01
+    chunks[2] = pb.Chunk(offset=chunks[2].offset, data=bytes(data))
+    with pytest.raises(MalformedStream, match="SHA-256 of the received weights does not match"):
+        _assemble(_layout_only(w), chunks)
+
+
+def test_assembler_rejects_stream_without_any_sha256():
+    w = _model()
+    with pytest.raises(MalformedStream, match="without its SHA-256"):
+        _assemble(_layout_only(w), list(weight_chunks(w, 16)))
+
+
+def test_assembler_rejects_truncated_stream_under_a_trailer():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    with pytest.raises(MalformedStream, match="stream ended after"):
+        _assemble(_layout_only(w), chunks[:-1])  # the trailer went with the last chunk
+    # a truncated stream whose last chunk still claims the trailer: the length check first
+    cut = pb.Chunk(offset=chunks[1].offset, data=chunks[1].data, sha256=chunks[-1].sha256)
+    with pytest.raises(MalformedStream, match="stream ended after 32 of"):
+        _assemble(_layout_only(w), [chunks[0], cut])
+
+
+def test_assembler_rejects_a_chunk_after_the_trailer():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    early = pb.Chunk(offset=chunks[0].offset, data=chunks[0].data, sha256=chunks[-1].sha256)
+    with pytest.raises(MalformedStream, match="after the chunk that carried the checksum"):
+        _assemble(_layout_only(w), [early, *chunks[1:]])
+
+
+def test_assembler_rejects_trailer_that_contradicts_the_header():
+    w = _model()
+    chunks = list(weight_chunks(w, 16, trailer=True))
+    chunks[-1] = pb.Chunk(offset=chunks[-1].offset, data=chunks[-1].data, sha256="f" * 64)
+    with pytest.raises(MalformedStream, match="differs from the header"):
+        _assemble(manifest_of(w), chunks)
+
+
+def test_streams_of_fresh_weights_round_trip_with_a_trailer():
+    w = _model()
+    msgs = _wire(evaluate_requests("s", "r", "fp", w), pb.EvaluateRequest)
+    assert msgs[0].header.weights.sha256 == ""
+    assert msgs[-1].chunk.sha256 == manifest_of(w).sha256
+    call = read_evaluate_requests(msgs)
+    _assert_bit_exact(call.weights, w)
+
+
+def test_received_weights_are_read_only_and_carry_their_checked_manifest():
+    from twin_core.weights import known_manifest
+
+    w = _model()
+    got = read_evaluate_requests(_wire(evaluate_requests("s", "r", "fp", w), pb.EvaluateRequest))
+    assert known_manifest(got.weights) == manifest_of(w)
+    assert not any(a.flags.writeable for a in got.weights.values())
+
+
+def test_known_sha256_travels_in_the_header_and_is_not_recomputed(tmp_path, monkeypatch):
+    import twin_wire.codec as codec
+    from twin_core.weights import load_weights, save_weights
+
+    w = _model()
+    save_weights(tmp_path / "m.twt", w)
+    stored = load_weights(tmp_path / "m.twt").weights
+
+    class NoHashing:
+        def __init__(self):
+            raise AssertionError("the sender hashed a model whose SHA-256 it knew")
+
+    monkeypatch.setattr(codec, "_Hasher", NoHashing)
+    msgs = _wire(evaluate_requests("s", "r", "fp", stored), pb.EvaluateRequest)
+    assert msgs[0].header.weights.sha256 == manifest_of(w).sha256
+    assert all(not m.chunk.sha256 for m in msgs[1:])
+    monkeypatch.undo()
+    _assert_bit_exact(read_evaluate_requests(msgs).weights, w)
+
+
+def test_received_update_is_saved_without_hashing_again(tmp_path, monkeypatch):
+    import twin_core.weights as weights_module
+    from twin_core.weights import load_weights, save_weights
+
+    update = SiteUpdate("s", "r", _model(), 1, 1, {}, 0.0)
+    back = read_train_replies(_wire(train_replies(update), pb.TrainReply))
+
+    def no_hashing(_weights):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(weights_module, "manifest_of", no_hashing)
+    assert save_weights(tmp_path / "u.twt", back.weights).sha256 == manifest_of(_model()).sha256
+    _assert_bit_exact(load_weights(tmp_path / "u.twt").weights, _model())

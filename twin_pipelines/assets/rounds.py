@@ -512,6 +512,10 @@ def global_model(
         mean, facts_extra = _mean_of_sum(round_plan, site_updates, config, start, store)
         updates_in = iter([(SiteContribution("mean", 1, 0, 0), mean)])
     else:
+        # the weighted-mean family folds each update straight into WeightedMean, which checks
+        # each page of the file as it folds it (one pass over the bytes); the strategies that
+        # hand updates to other code get them checked in full first
+        as_read = not strategy.needs_individual_updates and strategy.name != "scaffold"
         updates_in = (
             (
                 SiteContribution(
@@ -523,7 +527,7 @@ def global_model(
                     ),
                     round_plan.quality.get(u.site_id, 1.0),
                 ),
-                store.load(u.path).weights,
+                store.load(u.path, check_as_read=as_read).weights,
             )
             for u in sorted(site_updates.updates, key=lambda u: u.site_id)
         )

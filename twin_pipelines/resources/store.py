@@ -78,7 +78,7 @@ class RoundStore(dg.ConfigurableResource):
     def reject_update(self, round_key: str, site_id: str, reason: str) -> Path:
         """Move a persisted update to rejected/ (screened out after the fact), keeping it."""
         stored = load_weights(self.round_dir(round_key) / "updates" / f"{site_id}.twt")
-        path = self.save_rejected(round_key, site_id, dict(stored.weights), reason)
+        path = self.save_rejected(round_key, site_id, stored.weights, reason)  # not re-hashed
         (self.round_dir(round_key) / "updates" / f"{site_id}.twt").unlink()
         return path
 
@@ -90,8 +90,10 @@ class RoundStore(dg.ConfigurableResource):
                 path.unlink()
 
     @staticmethod
-    def load(path: str | Path) -> StoredWeights:
-        return load_weights(Path(path))
+    def load(path: str | Path, check_as_read: bool = False) -> StoredWeights:
+        """The weights in `path`, checked against the file's checksums; with `check_as_read`,
+        checked page by page as `WeightedMean` folds them (twin_core.weights.load_weights)."""
+        return load_weights(Path(path), check_as_read=check_as_read)
 
     def server_state(self, round_key: str | None, optimizer: str) -> ServerState | None:
         """The server optimiser state saved with `round_key`'s candidate (same optimiser only)."""
