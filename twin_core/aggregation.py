@@ -20,7 +20,7 @@ from twin_core.weights import PageCheckedWeights, PageChecker, Weights
 # pages are checked as read, the checker and the tensor's byte offset in the file's body
 _Part = tuple[np.ndarray, float, PageChecker | None, int]
 
-# Elements per step of `result()`: a float64 scratch of this many elements (4 MiB).
+# Kept for callers of the first version; `result()` now steps by the fold's scratch.
 FOLD_BLOCK = 1 << 19
 # Elements per step of the fold: the accumulator's block (2 MiB of float64) and the product
 # scratch (as much again, per thread) stay in cache while every update of a group is folded
@@ -178,17 +178,17 @@ class WeightedMean:
         if not self.count:
             raise InvalidWeights("no updates to aggregate")
         self._flush()
+        # the fold's scratch (no allocation): elementwise, so any block size gives these bits
         scratch = self._scratch[0]
-        if scratch.size < min(FOLD_BLOCK, max((a.size for a in self._sums.values()), default=0)):
-            scratch = np.empty(FOLD_BLOCK, dtype=np.float64)
+        step = max(scratch.size, 1)
         out: Weights = {}
         for name, acc in self._sums.items():
             dtype = self._dtypes[name]
             # per block: (acc / total), rounded for integer tensors, cast to the tensor's dtype
             result = np.empty(acc.shape, dtype=dtype)
             flat_acc, flat_out = acc.reshape(-1), result.reshape(-1)
-            for start in range(0, flat_acc.size, FOLD_BLOCK):
-                end = start + FOLD_BLOCK
+            for start in range(0, flat_acc.size, step):
+                end = start + step
                 mean = scratch[: flat_acc[start:end].size]
                 np.divide(flat_acc[start:end], self._total, out=mean)
                 if dtype.kind in "iub":
