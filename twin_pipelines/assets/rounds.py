@@ -359,7 +359,9 @@ def site_updates(
     """Send the start model to every chosen site, collect, validate and persist their updates."""
     config = RoundConfig(**round_plan.config)
     start = store.load(round_plan.start_path)
-    outgoing = dict(start.weights)
+    # the start model as loaded (checked, read-only): its known SHA-256 travels in each site's
+    # header instead of being computed again per site (twin_core.weights.known_manifest)
+    outgoing = start.weights
     if config.strategy == "scaffold":  # the server's control variate travels with the model
         state = store.server_state(round_plan.start_round, "scaffold")
         outgoing = scaffold.join(
