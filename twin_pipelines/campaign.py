@@ -16,6 +16,7 @@ from twin_pipelines.config import RoundConfig
 from twin_pipelines.jobs import ROUND_JOB
 from twin_pipelines.partitions import fl_round, next_round_key
 from twin_pipelines.sensors import DRIVER_TAG, campaign_tags
+from twin_pipelines.sqlite_sync import fewer_fsyncs
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,17 @@ def run_round(
     """One round as one Dagster run (in this process) on a new `fl_round` partition."""
     key = round_key or next_round_key(instance)
     instance.add_dynamic_partitions(fl_round.name, [key])
-    result = defs.resolve_job_def(ROUND_JOB).execute_in_process(
-        instance=instance,
-        partition_key=key,
-        run_config={
-            "ops": {"round_plan": {"config": config.model_dump()}},
-            "loggers": {"console": {"config": {"log_level": log_level}}},
-        },
-        tags=tags or {},
-        raise_on_error=False,
-    )
+    with fewer_fsyncs():  # the on-disk SQLite instance: an fsync per event otherwise
+        result = defs.resolve_job_def(ROUND_JOB).execute_in_process(
+            instance=instance,
+            partition_key=key,
+            run_config={
+                "ops": {"round_plan": {"config": config.model_dump()}},
+                "loggers": {"console": {"config": {"log_level": log_level}}},
+            },
+            tags=tags or {},
+            raise_on_error=False,
+        )
     updates = _output(result, "site_updates")
     evaluation = _output(result, "round_evaluation")
     return RoundResult(

@@ -175,14 +175,10 @@ class MlflowRegistry(dg.ConfigurableResource):
         ) as run:
             run_id = run.info.run_id
             client.log_batch(
-                run_id,
-                metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())],
-                params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+                run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
             )
-            for name, doc in artifacts.items():
-                mlflow.log_dict(doc, name)
-            for path, folder in (files or {}).items():
-                mlflow.log_artifact(path, artifact_path=folder)
+            # the model before the metrics: log_model reads back the history of every metric
+            # the run holds (one query each, hundreds with per-site metrics) to link them to it
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
@@ -190,6 +186,13 @@ class MlflowRegistry(dg.ConfigurableResource):
                 pip_requirements=["torch==2.13.0", "numpy<3"],
                 code_paths=[str(Path(twin_core.__file__).parent)],
             )
+            client.log_batch(
+                run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+            )
+            for name, doc in artifacts.items():
+                mlflow.log_dict(doc, name)
+            for path, folder in (files or {}).items():
+                mlflow.log_artifact(path, artifact_path=folder)
         try:
             client.get_registered_model(self.model_name)
         except MlflowException:
