@@ -127,7 +127,7 @@ class LocalFleet:
             hosted = launch.hosting
             for site_id in hosted:
                 # a worker of several virtual sites keeps each one's state in a folder of its own
-                site_state = state if hosted == (launch.site_id,) else state / site_id
+                site_state = state if len(hosted) == 1 else state / site_id
                 self.sites[site_id] = LocalSite(
                     site_id, process, site_state, log_path, tls_dir=launch.tls_dir, ready_file=ready
                 )
