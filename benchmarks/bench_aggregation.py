@@ -53,14 +53,7 @@ def cpu_interleaved(subject, baseline, repeats: int) -> tuple[float, float]:
     as it does their wall-clock times (both still pay for cache and memory contention)."""
     import time
 
-    subject_s, baseline_s = [], []
-    for _ in range(repeats):
-        start = time.process_time()
-        baseline()
-        baseline_s.append(time.process_time() - start)
-        start = time.process_time()
-        subject()
-        subject_s.append(time.process_time() - start)
+    subject_s, baseline_s = interleaved(subject, baseline, repeats, 0, time.process_time)
     return median(subject_s), median(baseline_s)
 
 
