@@ -161,7 +161,7 @@ def scale_round(
             "worker_peak_sum": sum(_peak_rss(pid) for pid in pids),
             "update_bytes": sum(p.stat().st_size for p in updates),
             "model_bytes": updates[0].stat().st_size if updates else 0,
-            "slots_peak": fleet._slots().peak,
+            "slots_peak": fleet.slots().peak,
             "receive_slots": receive_slots,
         }
 

@@ -58,29 +58,34 @@ def test_compressed_rounds_learn_and_shrink_the_bytes(make_handler, round_env, i
         assert f'"compression": "{method}"' in version.tags["twin.strategy_params"]
 
 
-class CorruptTopkSite:
-    """A site whose compressed update points past the end of a tensor (a buggy or hostile site)."""
+class Tampered:
+    """A site, or a site handler behind a real gRPC server, whose trained update is altered by
+    `tamper(weights) -> weights` (a buggy or hostile site); everything else passes through."""
 
-    def __init__(self, inner):
-        self.inner, self.site_id = inner, inner.site_id
+    def __init__(self, inner, tamper):
+        self.inner, self.tamper = inner, tamper
 
-    def info(self, timeout):
-        return self.inner.info(timeout)
-
-    def evaluate(self, *args, **kwargs):
-        return self.inner.evaluate(*args, **kwargs)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def train(self, *args, **kwargs) -> SiteUpdate:
         update = self.inner.train(*args, **kwargs)
-        weights = dict(update.weights)
-        key = next(k for k in weights if k.endswith("::topk.index"))
-        weights[key] = weights[key] + np.int32(1_000_000)
-        return replace(update, weights=weights)
+        return replace(update, weights=self.tamper(dict(update.weights)))
+
+
+def _index_past_the_end(weights):
+    key = next(k for k in weights if k.endswith("::topk.index"))
+    return {**weights, key: weights[key] + np.int32(1_000_000)}
+
+
+def _nan_scale(weights):
+    key = next(k for k in weights if k.endswith("::scale"))
+    return {**weights, key: np.array([np.nan], np.float32)}
 
 
 def test_a_corrupt_compressed_update_is_refused_with_its_reason(make_handler, round_env, instance):
     handlers = _fresh_sites(make_handler)
-    handlers["site-4"] = CorruptTopkSite(handlers["site-4"])
+    handlers["site-4"] = Tampered(handlers["site-4"], _index_past_the_end)
     env = round_env(InProcessFleet(handlers))
     config = RoundConfig(min_sites=3, compression="topk", topk_fraction=0.1)
     result = run_round(env.defs, instance, config)
@@ -96,13 +101,10 @@ def test_a_site_answering_uncompressed_is_refused(make_handler, round_env, insta
 
     class Uncompressed:
         def __init__(self, inner):
-            self.inner, self.site_id = inner, inner.site_id
+            self.inner = inner
 
-        def info(self, timeout):
-            return self.inner.info(timeout)
-
-        def evaluate(self, *args, **kwargs):
-            return self.inner.evaluate(*args, **kwargs)
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
 
         def train(self, round_key, fingerprint, config, weights, timeout, masking=None):
             return self.inner.train(
@@ -117,23 +119,6 @@ def test_a_site_answering_uncompressed_is_refused(make_handler, round_env, insta
     assert "compressed with 'none' but the round asks for 'int8'" in result.error
 
 
-class CorruptInt8Handler:
-    """A site handler (behind a real gRPC server) whose int8 update has a scale of NaN."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def train(self, *args, **kwargs) -> SiteUpdate:
-        update = self.inner.train(*args, **kwargs)
-        weights = dict(update.weights)
-        key = next(k for k in weights if k.endswith("::scale"))
-        weights[key] = np.array([np.nan], np.float32)
-        return replace(update, weights=weights)
-
-
 @pytest.mark.integration
 def test_int8_rounds_over_grpc_and_a_corrupt_update_refused(make_handler, round_env, instance):
     """Real gRPC (codec, chunked streams, the TrainConfig's new fields) to site handlers served
@@ -142,7 +127,7 @@ def test_int8_rounds_over_grpc_and_a_corrupt_update_refused(make_handler, round_
     from twin_pipelines.resources import GrpcFleet
 
     handlers = _fresh_sites(make_handler)
-    handlers["site-4"] = CorruptInt8Handler(handlers["site-4"])
+    handlers["site-4"] = Tampered(handlers["site-4"], _nan_scale)
     server = SiteServer(handlers, "127.0.0.1", 0)
     server.start()
     try:

@@ -106,7 +106,7 @@ def test_a_round_over_virtual_sites_runs_through_dagster_and_grpc(virtual_fleet,
         result = run_round(env.defs, instance, RoundConfig(min_sites=N_SITES, local_epochs=1))
     assert result.success, result.error
     assert len(result.sites) == N_SITES and not result.failed_sites
-    assert 1 <= fleet._slots().peak <= 2
+    assert 1 <= fleet.slots().peak <= 2
     assert sorted(p.stem for p in (store.round_dir(result.round_key) / "updates").iterdir()) == [
         s.site_id for s in simulated_sites(N_SITES)
     ]

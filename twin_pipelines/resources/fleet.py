@@ -109,9 +109,9 @@ class GrpcFleet(dg.ConfigurableResource):
     def _connect(self, site_id: str, target: str) -> Site:
         from twin_wire.client import GrpcSite
 
-        return GrpcSite(site_id, target, receive_slots=self._slots(), **self._security(site_id))
+        return GrpcSite(site_id, target, receive_slots=self.slots(), **self._security(site_id))
 
-    def _slots(self) -> ReceiveSlots:
+    def slots(self) -> ReceiveSlots:
         """One set of receive slots per process and limit, shared by the fleet's clients."""
         key = (os.getpid(), self.receive_slots)
         if key not in _slots:
