@@ -33,6 +33,7 @@ from twin_pipelines.resources import (
     MlflowRegistry,
     RoundStore,
 )
+from twin_pipelines.resources.outputs import AssetValueFiles
 from twin_pipelines.resources.policy import parse_site_thresholds
 from twin_pipelines.schedules import improvement_schedule, monitoring_schedule
 from twin_pipelines.sensors import campaign_sensor, drift_sensor
@@ -57,6 +58,7 @@ def build_definitions(
             "registry": registry,
             "drift_policy": drift_policy or DriftPolicy(),
             "truth": truth or CohortTruth(),
+            "io_manager": AssetValueFiles(),
         },
     )
 

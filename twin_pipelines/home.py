@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,5 +80,11 @@ class TwinHome:
                 "run_coordinator:\n"
                 "  module: dagster._core.run_coordinator\n"
                 "  class: DefaultRunCoordinator\n"
+                # Dagster's SQLite event log, its engines kept (twin_pipelines/dagster_storage.py)
+                "event_log_storage:\n"
+                "  module: twin_pipelines.dagster_storage\n"
+                "  class: PooledSqliteEventLogStorage\n"
+                "  config:\n"
+                f"    base_dir: {json.dumps(str(home.resolve() / 'history' / 'runs'))}\n"
             )
         return home
