@@ -65,6 +65,22 @@ def test_new_home_uses_the_pooled_event_log_in_the_default_layout(home_instance)
     assert (home / "history" / "runs" / "index.db").exists()
 
 
+def test_a_config_an_earlier_version_wrote_is_updated_an_edited_one_kept(tmp_path: Path):
+    from twin_pipelines.home import _EARLIER_INSTANCE_CONFIGS
+
+    earlier = TwinHome(tmp_path / "earlier")
+    earlier.dagster_home.mkdir(parents=True)
+    (earlier.dagster_home / "dagster.yaml").write_text(_EARLIER_INSTANCE_CONFIGS[-1])
+    text = (earlier.ensure_dagster_home() / "dagster.yaml").read_text()
+    assert "PooledSqliteEventLogStorage" in text and "DefaultRunCoordinator" in text
+
+    edited = TwinHome(tmp_path / "edited")
+    edited.dagster_home.mkdir(parents=True)
+    mine = _EARLIER_INSTANCE_CONFIGS[-1] + "retention:\n  schedule:\n    purge_after_days: 7\n"
+    (edited.dagster_home / "dagster.yaml").write_text(mine)
+    assert (edited.ensure_dagster_home() / "dagster.yaml").read_text() == mine
+
+
 def test_round_on_the_pooled_log_reads_back_through_dagsters_own_storage(
     handlers, round_env, home_instance
 ):
