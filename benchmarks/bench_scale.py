@@ -98,6 +98,7 @@ def scale_round(
     from twin_pipelines.campaign import run_round
     from twin_pipelines.config import RoundConfig
     from twin_pipelines.definitions import build_definitions
+    from twin_pipelines.home import TwinHome
     from twin_pipelines.local_fleet import LocalFleet, SiteLaunch
     from twin_pipelines.resources import GrpcFleet, MlflowRegistry, RoundStore
 
@@ -121,7 +122,12 @@ def scale_round(
         model_name=f"scale-{n_sites}",
     )
     config = RoundConfig(min_sites=n_sites, local_epochs=local_epochs, local_steps=local_steps)
-    with LocalFleet(root / "sites") as workers, dg.instance_for_test() as instance:
+    # the embedded default's on-disk instance, as `twin demo` runs rounds
+    home = TwinHome(root / "twin").ensure_dagster_home()
+    with (
+        LocalFleet(root / "sites") as workers,
+        dg.DagsterInstance.from_config(str(home)) as instance,
+    ):
         started = time.perf_counter()
         endpoints = workers.start(launches, timeout=900)
         startup = time.perf_counter() - started

@@ -109,3 +109,20 @@ def test_automatic_policy_records_its_verdict(handlers, round_env, instance):
     assert "does not beat the champion" in v2.tags["governance.reasons"]
     assert env.alias("champion") == "1" and env.alias("challenger") == "2"
     assert env.store.latest_passed()["round"] == second.round_key  # the next round starts here
+
+
+def test_site_metrics_keep_headlines_and_the_first_visit_ahead():
+    from twin_pipelines.assets.registry import site_metrics
+
+    per_site = {
+        "a": {"loss": 1.0, "mae_h1": 2.0, "mae_h2": 3.0, "coverage90_h12": 4.0, "rmse": 5.0},
+        "b": {"loss": 6.0, "baseline_mae_h1": 7.0, "trajectory_z": 8.0, "rmse_h9": 9.0},
+    }
+    assert site_metrics(per_site) == {
+        "site/a/loss": 1.0,
+        "site/a/mae_h1": 2.0,
+        "site/a/rmse": 5.0,
+        "site/b/loss": 6.0,
+        "site/b/baseline_mae_h1": 7.0,
+        "site/b/trajectory_z": 8.0,
+    }

@@ -88,6 +88,17 @@ def test_twin_evaluation_with_the_truth(truth_handlers, cohort_dir, round_env, i
     run = client.get_run(version.run_id)
     assert run.data.metrics["twin/coverage90_all"] == pytest.approx(report["coverage90"])
     assert "twin_evaluation.json" in {f.path for f in client.list_artifacts(version.run_id)}
+    # per site: the headline figures and the first visit ahead as metrics; every horizon in
+    # the run's round_evaluation.json
+    site = sorted(result.sites)[0]
+    assert {"loss", "mae", "mae_h1", "coverage90_h1", "variance_ratio"} <= {
+        k.split("/")[-1] for k in run.data.metrics if k.startswith(f"site/{site}/")
+    }
+    assert not [k for k in run.data.metrics if k.startswith("site/") and k.endswith("_h2")]
+    evaluation = json.loads(
+        Path(client.download_artifacts(version.run_id, "round_evaluation.json")).read_text()
+    )
+    assert "mae_h6" in evaluation["per_site"][site]
 
 
 def test_twin_evaluation_on_data_without_truth(handlers_without_truth, round_env, instance):
