@@ -10,10 +10,13 @@ most of what the on-disk instance costs a round beyond an in-memory one.
 
 `PooledSqliteEventLogStorage` is the same storage (same files, same schema, same locking:
 every access still holds the storage's lock, as Dagster's does) with one engine per database
-file kept for the index and the most recent runs, each keeping its one connection open, and
-the table checks remembered once a table is found. Its connections use SQLite's recommended
-setting for WAL databases, `synchronous=NORMAL`: no corruption on a crash; a power cut may lose
-the last events written (see also `twin_pipelines.sqlite_sync`).
+file kept for the index and the most recent runs (so each statement is compiled once), the
+index's connection kept open, and the table checks remembered once a table is found. A run's
+file still gets a connection per use, closed after it: the last close checkpoints the WAL into
+the file, and that is how a webserver watching the run live learns of each new event. Its
+connections use SQLite's recommended setting for WAL databases, `synchronous=NORMAL`: no
+corruption on a crash; a power cut may lose the last events written (see also
+`twin_pipelines.sqlite_sync`).
 
 `TwinHome.ensure_dagster_home` names it in a new embedded-default instance's dagster.yaml;
 the webserver and the daemon load it from there as well.
@@ -75,11 +78,16 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             self._engines_pid = os.getpid()
         engine = self._engines.pop(shard, None)
         if engine is None:
+            # a run's file: a connection per use, as Dagster's; when the last one closes, SQLite
+            # checkpoints its WAL into the file, which is what a webserver watching the run
+            # live is told of (it watches the file). The index: its connection kept.
+            if shard == INDEX_SHARD_NAME:
+                pool = {"poolclass": QueuePool, "pool_size": 1, "max_overflow": 2}
+            else:
+                pool = {"poolclass": NullPool}
             engine = create_engine(
                 self.conn_string_for_shard(shard),
-                poolclass=QueuePool,
-                pool_size=1,
-                max_overflow=2,
+                **pool,
                 connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
             )
             event.listen(engine, "connect", _relaxed_sync)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -168,3 +170,42 @@ def test_a_value_not_yet_made_fails_the_step_clearly(tmp_path: Path):
         made = job.execute_in_process(instance=instance)
         assert made.success and made.output_for_node("next_number") == 42
     assert pickle.loads((tmp_path / "values" / "next_number").read_bytes()) == 42
+
+
+def test_a_webserver_watching_a_run_sees_each_event_as_it_is_written(home_instance):
+    """The webserver learns of a run's new events by watching the run's database file; a
+    connection kept open would keep them in the WAL, unseen, until the run ended."""
+    from dagster._core.events.log import EventLogEntry
+
+    home, instance = home_instance
+    writer = instance.event_log_storage
+    watcher = SqliteEventLogStorage(str(home / "history" / "runs"))  # the webserver's
+    run_id = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+
+    def entry(message: str) -> EventLogEntry:
+        return EventLogEntry(
+            error_info=None,
+            level="INFO",
+            user_message=message,
+            run_id=run_id,
+            timestamp=time.time(),
+        )
+
+    writer.store_event(entry("first"))  # creates the run's file
+    seen: list[str] = []
+    arrived = threading.Event()
+
+    def on_event(event, cursor) -> None:
+        seen.append(event.user_message)
+        arrived.set()
+
+    watcher.watch(run_id, None, on_event)
+    try:
+        for message in ("second", "third"):
+            arrived.clear()
+            writer.store_event(entry(message))
+            assert arrived.wait(10), f"the watcher did not see {message!r}: saw {seen}"
+    finally:
+        watcher.end_watch(run_id, on_event)
+        watcher.dispose()
+    assert seen[-1] == "third"
