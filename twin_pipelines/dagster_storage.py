@@ -13,7 +13,8 @@ every access still holds the storage's lock, as Dagster's does) with one engine 
 file kept for the index and the most recent runs (so each statement is compiled once), the
 index's connection kept open, and the table checks remembered once a table is found. A run's
 file still gets a connection per use, closed after it: the last close checkpoints the WAL into
-the file, and that is how a webserver watching the run live learns of each new event. Its
+the file, and that is how a webserver watching the run live learns of each new event. A new
+run's file is a copy of an empty one made once per process, not built table by table. Its
 connections use SQLite's recommended setting for WAL databases, `synchronous=NORMAL`: no
 corruption on a crash; a power cut may lose the last events written (see also
 `twin_pipelines.sqlite_sync`).
@@ -25,6 +26,8 @@ the webserver and the daemon load it from there as well.
 from __future__ import annotations
 
 import os
+import sqlite3
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -55,6 +58,24 @@ def _relaxed_sync(dbapi_connection, connection_record) -> None:
         cursor.close()
 
 
+def _empty_run_database(storage: SqliteEventLogStorage) -> bytes:
+    """The bytes of a run's database file as Dagster creates it, before any event."""
+    with tempfile.TemporaryDirectory(prefix="twin-run-db-") as folder:
+        path = os.path.join(folder, "empty.db")
+        engine = create_engine(f"sqlite:///{path}", poolclass=NullPool)
+        try:
+            storage._initdb(engine)  # noqa: SLF001 - Dagster's own schema and stamp
+        finally:
+            engine.dispose()
+        db = sqlite3.connect(path)
+        try:  # the WAL folded into the file (WAL mode itself is kept in the file's header)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+        with open(path, "rb") as file:
+            return file.read()
+
+
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     """`SqliteEventLogStorage` with its engines kept (see the module's docstring)."""
 
@@ -63,6 +84,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         self._engines_pid = os.getpid()
         self._tables: set[str] = set()
         self._tables_lock = threading.Lock()
+        self._empty_run_file: bytes | None = None
         super().__init__(base_dir, inst_data)
 
     @classmethod
@@ -92,13 +114,35 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             )
             event.listen(engine, "connect", _relaxed_sync)
             if shard not in self._initialized_dbs:
-                self._initdb(engine)
+                if shard == INDEX_SHARD_NAME or not self._copy_empty_run_file(shard):
+                    self._initdb(engine)
                 self._initialized_dbs.add(shard)
         self._engines[shard] = engine  # the most recently used last
         while len(self._engines) > KEPT_ENGINES:
             _, oldest = self._engines.popitem(last=False)
             oldest.dispose()
         return engine
+
+    def _copy_empty_run_file(self, shard: str) -> bool:
+        """Create a new run's database file as a copy of an empty one made once per process
+        (the schema and its migration stamp, in WAL mode) instead of creating its tables and
+        indexes one by one; False if the file exists already (it is then checked as Dagster
+        does)."""
+        path = self.path_for_shard(shard)
+        if os.path.exists(path):
+            return False
+        if self._empty_run_file is None:
+            self._empty_run_file = _empty_run_database(self)
+        scratch = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+        with open(scratch, "wb") as file:
+            file.write(self._empty_run_file)
+        try:
+            os.link(scratch, path)  # never over a file another process has just created
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(scratch)
+        return True
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[Connection]:

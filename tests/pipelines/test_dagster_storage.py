@@ -209,3 +209,26 @@ def test_a_webserver_watching_a_run_sees_each_event_as_it_is_written(home_instan
         watcher.end_watch(run_id, on_event)
         watcher.dispose()
     assert seen[-1] == "third"
+
+
+def test_a_new_run_file_is_the_database_dagster_would_create(home_instance, tmp_path: Path):
+    home, instance = home_instance
+    ours = dg.materialize([number], instance=instance)
+    plain_dir = tmp_path / "plain"
+    plain = SqliteEventLogStorage(str(plain_dir))
+    with plain.run_connection(ours.run_id):  # Dagster builds the run's file table by table
+        pass
+
+    def schema(path: str) -> tuple:
+        with sqlite3.connect(path) as db:
+            return (
+                sorted(db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")),
+                db.execute("SELECT version_num FROM alembic_version").fetchall(),
+                db.execute("PRAGMA journal_mode").fetchone(),
+            )
+
+    mine = schema(instance.event_log_storage.path_for_shard(ours.run_id))
+    assert mine == schema(plain.path_for_shard(ours.run_id))
+    assert mine[2] == ("wal",) and len(mine[0]) > 5
+    # and no scratch file left beside it
+    assert not list((home / "history" / "runs").glob("*.new"))
