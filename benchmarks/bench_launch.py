@@ -11,8 +11,10 @@ in MLflow. The figure is the median over the rounds, request to success.
 
 The baseline is the same round in a warm process (`campaign.run_round`, as benchmark 3 and
 the demo run it) over the same sites, interleaved with the launched rounds. Where the
-difference goes is read from the run record and event log (queued, starting, running), and a
-fresh process's import of the code location is timed apart.
+difference goes is read from the run record and event log (queued, starting, running); a
+fresh process's import of the code location is timed apart, and so are, in CPU seconds, the
+first uses the run then pays (torch, MLflow's import and store, matplotlib, MLflow's
+requirements check), which a warm process has paid already.
 
 `--quick` cannot start a webserver in a few seconds: it times the code location's import in a
 fresh process only (what every launched run pays before its first step), and says so.
@@ -56,6 +58,51 @@ def import_seconds() -> float:
         capture_output=True,
     )
     return time.perf_counter() - began
+
+
+# What a launched run's process pays on first use, beyond importing the code location: each
+# step timed in CPU seconds (the machine may be busy), in the order a round meets them.
+FIRST_USE = r"""
+import json, time
+import twin_pipelines.definitions as location
+out = {}
+def timed(name, work):
+    began = time.process_time()
+    work()
+    out[name] = time.process_time() - began
+timed("torch (the task)", lambda: __import__("twin_core.tasks"))
+timed("mlflow import", lambda: __import__("mlflow"))
+timed("MLflow store and champion", location.resources_from_env()["registry"].champion)
+timed("matplotlib", lambda: __import__("matplotlib.figure"))
+def requirements():
+    from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+    _init_packages_to_modules_map()
+timed("MLflow's requirements check", requirements)
+print(json.dumps(out))
+"""
+
+
+def first_use_seconds(env: dict[str, str]) -> dict[str, float]:
+    """CPU seconds of each first use a launched run pays (torch, MLflow, matplotlib), in a
+    fresh process with the launched runs' environment; medians of three processes."""
+    import json
+
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", FIRST_USE],
+                check=True,
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        for _ in range(3)
+    ]
+    return {k: median([r[k] for r in runs]) for k in runs[0]}
 
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -231,6 +278,7 @@ def _full() -> Result:
                             run_ids.append(run_id)
                     phases = [_phases(instance, r) for r in run_ids]
                 fresh_import = import_seconds()
+                first_use = first_use_seconds(child_env)
             finally:
                 os.killpg(dev.pid, signal.SIGTERM)
                 try:
@@ -260,6 +308,8 @@ def _full() -> Result:
             "{bodies:.2f}".format(**part)
             + f" ({assets}); a fresh process importing the code location: "
             f"{fresh_import:.2f} s",
+            "first uses a launched run pays after that (CPU s in a fresh process, medians of "
+            "3): " + "; ".join(f"{k} {v:.2f}" for k, v in first_use.items()),
         ),
     )
 

@@ -11,21 +11,24 @@ import numpy as np
 from twin_core.twin_report import TwinReport
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure of its own on an Agg canvas, without pyplot: no global backend switch (a
+    notebook or any other user of pyplot in the process keeps its own) and no figure registry
+    to close. The same PNG bytes as through pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def horizon_figure(report: TwinReport, path: Path, title: str = "") -> Path:
     """MAE by horizon (twin, oracle, last value, noise floor) and 90 % interval coverage."""
-    plt = _pyplot()
     rows = report.horizons
     h = [r.horizon for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    fig = _figure(figsize=(8.4, 3.2))
+    left, right = fig.subplots(1, 2)
     left.plot(h, [r.mae for r in rows], marker="o", label="twin")
     if all(r.oracle_mae is not None for r in rows):
         left.plot(h, [r.oracle_mae for r in rows], marker="s", ls="--", label="oracle")
@@ -54,7 +57,6 @@ def horizon_figure(report: TwinReport, path: Path, title: str = "") -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
@@ -63,9 +65,9 @@ def trajectory_figure(
 ) -> Path:
     """Forecast from baseline (line, 90 % band) against the observed visits (dots) and, for
     synthetic patients, the true course (dashed), one panel per patient."""
-    plt = _pyplot()
     n = len(labels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.7), sharey=False, squeeze=False)
+    fig = _figure(figsize=(2.6 * n, 2.7))
+    axes = fig.subplots(1, n, sharey=False, squeeze=False)
     visits = np.arange(forecasts["mean"].shape[1])
     for i, (ax, label) in enumerate(zip(axes[0], labels, strict=True)):
         ax.fill_between(visits, forecasts["low"][i], forecasts["high"][i], alpha=0.2)
@@ -81,7 +83,6 @@ def trajectory_figure(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
