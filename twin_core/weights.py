@@ -440,19 +440,40 @@ def check_compatible(
             raise InvalidWeights(f"tensor {name!r} has shape {arr.shape}, expected {ref.shape}")
 
 
+# elements per step of the checks below: their temporaries stay this size (512 KiB of float64)
+# whatever the model's size; several updates are checked at once as they arrive, and
+# tensor-sized float64 copies made the orchestrator's memory peak at 14 models' worth
+CHECK_BLOCK = 1 << 16
+
+
+def _blocks(array: np.ndarray) -> Iterator[np.ndarray]:
+    flat = np.asarray(array).reshape(-1)
+    for start in range(0, flat.size, CHECK_BLOCK):
+        yield flat[start : start + CHECK_BLOCK]
+
+
 def non_finite_tensors(weights: Mapping[str, np.ndarray]) -> list[str]:
     """Names of floating-point tensors holding NaN or infinity."""
-    return [n for n, a in weights.items() if a.dtype.kind == "f" and not bool(np.isfinite(a).all())]
+    return [
+        name
+        for name, array in weights.items()
+        if array.dtype.kind == "f" and not all(np.isfinite(b).all() for b in _blocks(array))
+    ]
 
 
 def delta_norm(weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of (weights - reference) over floating-point tensors, accumulated in float64."""
+    """L2 norm of (weights - reference) over floating-point tensors, accumulated in float64,
+    a block at a time."""
     total = 0.0
+    scratch = np.empty(CHECK_BLOCK, dtype=np.float64)
     for name, ref in reference.items():
         if ref.dtype.kind != "f":
             continue
-        diff = weights[name].astype(np.float64) - ref.astype(np.float64)
-        total += float(np.dot(diff.ravel(), diff.ravel()))
+        for block, ref_block in zip(_blocks(weights[name]), _blocks(ref), strict=True):
+            diff = scratch[: block.size]
+            np.copyto(diff, block, casting="unsafe")
+            np.subtract(diff, ref_block, out=diff)
+            total += float(np.dot(diff, diff))
     return math.sqrt(total)
 
 

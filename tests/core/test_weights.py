@@ -277,6 +277,32 @@ def test_delta_norm_ignores_integer_tensors():
     assert check_update(upd, ref, max_delta_norm=1e-9) == 0.0
 
 
+def test_checks_of_a_large_update_work_a_block_at_a_time():
+    """Several updates are checked at once as they arrive: the checks' temporaries must not
+    grow with the model (tensor-sized float64 copies made the orchestrator peak at 14 models)."""
+    import tracemalloc
+
+    from twin_core.weights import CHECK_BLOCK, non_finite_tensors
+
+    rng = np.random.default_rng(3)
+    size = 40 * CHECK_BLOCK + 123  # 10 MB of float32: many blocks and a partial one
+    ref = {"w": rng.standard_normal(size, dtype=np.float32), "n": np.array([3], np.int64)}
+    upd = {"w": ref["w"] + np.float32(0.25), "n": np.array([4], np.int64)}
+    expected = np.sqrt(np.sum((upd["w"].astype(np.float64) - ref["w"].astype(np.float64)) ** 2))
+    tracemalloc.start()
+    try:
+        norm = delta_norm(upd, ref)
+        bad = non_finite_tensors(upd)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert norm == pytest.approx(expected, rel=1e-12)
+    assert bad == []
+    assert peak < 2 * CHECK_BLOCK * 8 + 100_000  # a block's scratch, not the 4 MB tensor
+    upd["w"][-1] = np.nan  # in the last, partial block
+    assert non_finite_tensors(upd) == ["w"]
+
+
 def test_check_update_identical_is_zero_norm():
     assert check_update(_model(), _model(), max_delta_norm=0.0) == 0.0
 
