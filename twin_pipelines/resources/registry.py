@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,13 +181,14 @@ class MlflowRegistry(dg.ConfigurableResource):
             )
             # the model before the metrics: log_model reads back the history of every metric
             # the run holds (one query each, hundreds with per-site metrics) to link them to it
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                pip_requirements=["torch==2.13.0", "numpy<3"],
-                code_paths=[str(Path(twin_core.__file__).parent)],
-            )
+            with _requirements_taken_as_met():
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    serialization_format="pickle",
+                    pip_requirements=["torch==2.13.0", "numpy<3"],
+                    code_paths=[str(Path(twin_core.__file__).parent)],
+                )
             client.log_batch(
                 run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
             )
@@ -220,3 +223,23 @@ class MlflowRegistry(dg.ConfigurableResource):
             version_url=f"{base}/#/models/{self.model_name}/versions/{version}",
             promoted=promote,
         )
+
+
+@contextmanager
+def _requirements_taken_as_met() -> Iterator[None]:
+    """Skip MLflow's check of the model's pip requirements against this environment while it
+    logs the model. The requirements are the ones `register_round` pins (torch==2.13.0,
+    numpy<3), which the process that built the model runs on; the check only ever warns, and
+    to do so it scans every installed distribution: 0.3 s in each fresh process, which every
+    round launched from the UI is (docs/benchmarks.md, benchmark 4)."""
+    from mlflow.utils import environment
+
+    original = getattr(environment, "warn_dependency_requirement_mismatches", None)
+    if original is None:  # another MLflow version: its own behaviour
+        yield
+        return
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = original
