@@ -15,6 +15,7 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventL
 
 from tests.conftest import SITES
 from twin_pipelines import dagster_storage
+from twin_pipelines.assets import ROUND_ASSETS
 from twin_pipelines.campaign import run_round
 from twin_pipelines.config import RoundConfig
 from twin_pipelines.dagster_storage import PooledSqliteEventLogStorage
@@ -22,14 +23,7 @@ from twin_pipelines.home import TwinHome
 from twin_pipelines.resources import InProcessFleet
 from twin_pipelines.resources.outputs import AssetValueFiles
 
-ROUND_ASSETS = (
-    "round_plan",
-    "site_updates",
-    "global_model",
-    "round_evaluation",
-    "twin_evaluation",
-    "registered_model",
-)
+ROUND_ASSET_NAMES = [a.key.to_user_string() for a in ROUND_ASSETS]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def test_round_on_the_pooled_log_reads_back_through_dagsters_own_storage(
     assert len(ours) == len(theirs) > 50
     assert [r.storage_id for r in ours] == [r.storage_id for r in theirs]
     with dg.DagsterInstance.from_config(str(home)) as fresh:
-        for name in ROUND_ASSETS:
+        for name in ROUND_ASSET_NAMES:
             event = fresh.get_latest_materialization_event(dg.AssetKey(name))
             assert event is not None and event.run_id == result.run_id, name
             assert event.dagster_event.partition == result.round_key
@@ -110,7 +104,7 @@ def test_round_on_the_pooled_log_reads_back_through_dagsters_own_storage(
     ]
     assert not [m for m in messages if "Loading partition" in m or "Writing file at" in m]
     storage_dir = Path(instance.storage_directory())
-    for name in ROUND_ASSETS:
+    for name in ROUND_ASSET_NAMES:
         assert (storage_dir / name / result.round_key).is_file(), name
     plan = pickle.loads((storage_dir / "round_plan" / result.round_key).read_bytes())
     assert plan.round_key == result.round_key
