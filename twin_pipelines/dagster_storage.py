@@ -43,6 +43,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool, QueuePool
 
+from twin_pipelines.sqlite_sync import relax_wal_sync
+
 # the index and a few runs' files: a round writes to its own run's file and the index; the
 # webserver reads a handful of runs at a time. Older engines are disposed (their file closed).
 KEPT_ENGINES = 6
@@ -51,9 +53,7 @@ KEPT_ENGINES = 6
 def _relaxed_sync(dbapi_connection, connection_record) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
-        if str(mode).lower() == "wal":
-            cursor.execute("PRAGMA synchronous=NORMAL")
+        relax_wal_sync(cursor)
     finally:
         cursor.close()
 

@@ -28,6 +28,16 @@ from contextlib import contextmanager, suppress
 _lock = threading.Lock()
 
 
+def relax_wal_sync(cursor: sqlite3.Cursor) -> bool:
+    """`synchronous=NORMAL` for a connection to a database in WAL mode (SQLite's recommended
+    setting for WAL: no corruption; a power cut may lose the last transactions); whether it was."""
+    (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
+    if str(mode).lower() != "wal":
+        return False
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    return True
+
+
 class _Relaxed:
     def __init__(self) -> None:
         self.kept: dict[str, sqlite3.Connection] = {}
@@ -37,10 +47,8 @@ class _Relaxed:
             return
         cursor = dbapi_connection.cursor()
         try:
-            (mode,) = cursor.execute("PRAGMA journal_mode").fetchone()
-            if str(mode).lower() != "wal":
+            if not relax_wal_sync(cursor):
                 return
-            cursor.execute("PRAGMA synchronous=NORMAL")
             path = cursor.execute("PRAGMA database_list").fetchone()[2]
         except sqlite3.Error:
             return  # a database being created or locked: SQLite's defaults stay
