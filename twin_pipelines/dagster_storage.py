@@ -46,7 +46,8 @@ from sqlalchemy.pool import NullPool, QueuePool
 from twin_pipelines.sqlite_sync import relax_wal_sync
 
 # the index and a few runs' files: a round writes to its own run's file and the index; the
-# webserver reads a handful of runs at a time. Older engines are disposed (their file closed).
+# webserver reads a handful of runs at a time. Older engines are disposed (only the index's
+# keeps a connection open).
 KEPT_ENGINES = 6
 
 
@@ -126,8 +127,8 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     def _copy_empty_run_file(self, shard: str) -> bool:
         """Create a new run's database file as a copy of an empty one made once per process
         (the schema and its migration stamp, in WAL mode) instead of creating its tables and
-        indexes one by one; False if the file exists already (it is then checked as Dagster
-        does)."""
+        indexes one by one; False if the file exists already, or this file system has no hard
+        links (Dagster then checks or builds it its own way)."""
         path = self.path_for_shard(shard)
         if os.path.exists(path):
             return False
@@ -138,7 +139,7 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             file.write(self._empty_run_file)
         try:
             os.link(scratch, path)  # never over a file another process has just created
-        except FileExistsError:
+        except OSError:  # it has (FileExistsError), or no hard links here: Dagster's way
             return False
         finally:
             os.unlink(scratch)

@@ -226,3 +226,16 @@ def test_a_new_run_file_is_the_database_dagster_would_create(home_instance, tmp_
     assert mine[2] == ("wal",) and len(mine[0]) > 5
     # and no scratch file left beside it
     assert not list((home / "history" / "runs").glob("*.new"))
+
+
+def test_without_hard_links_a_run_file_is_built_as_dagster_does(home_instance, monkeypatch):
+    home, instance = home_instance
+
+    def no_links(source, target):
+        raise PermissionError(1, "hard links not supported here")
+
+    monkeypatch.setattr(dagster_storage.os, "link", no_links)
+    result = dg.materialize([number, next_number], instance=instance)
+    assert result.success
+    assert len(_events(instance.event_log_storage, result.run_id)) > 5
+    assert not list((home / "history" / "runs").glob("*.new"))
