@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SITES
-from twin_core.federation import SiteUpdate
+from tests.pipelines.hostile_sites import Tampered
 from twin_core.weights import load_weights
 from twin_pipelines.campaign import run_campaign, run_round
 from twin_pipelines.config import RoundConfig
@@ -58,21 +58,6 @@ def test_compressed_rounds_learn_and_shrink_the_bytes(make_handler, round_env, i
         assert f'"compression": "{method}"' in version.tags["twin.strategy_params"]
 
 
-class Tampered:
-    """A site, or a site handler behind a real gRPC server, whose trained update is altered by
-    `tamper(weights) -> weights` (a buggy or hostile site); everything else passes through."""
-
-    def __init__(self, inner, tamper):
-        self.inner, self.tamper = inner, tamper
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def train(self, *args, **kwargs) -> SiteUpdate:
-        update = self.inner.train(*args, **kwargs)
-        return replace(update, weights=self.tamper(dict(update.weights)))
-
-
 def _index_past_the_end(weights):
     key = next(k for k in weights if k.endswith("::topk.index"))
     return {**weights, key: weights[key] + np.int32(1_000_000)}
@@ -85,7 +70,7 @@ def _nan_scale(weights):
 
 def test_a_corrupt_compressed_update_is_refused_with_its_reason(make_handler, round_env, instance):
     handlers = _fresh_sites(make_handler)
-    handlers["site-4"] = Tampered(handlers["site-4"], _index_past_the_end)
+    handlers["site-4"] = Tampered(handlers["site-4"], update=_index_past_the_end)
     env = round_env(InProcessFleet(handlers))
     config = RoundConfig(min_sites=3, compression="topk", topk_fraction=0.1)
     result = run_round(env.defs, instance, config)
@@ -127,7 +112,7 @@ def test_int8_rounds_over_grpc_and_a_corrupt_update_refused(make_handler, round_
     from twin_pipelines.resources import GrpcFleet
 
     handlers = _fresh_sites(make_handler)
-    handlers["site-4"] = Tampered(handlers["site-4"], _nan_scale)
+    handlers["site-4"] = Tampered(handlers["site-4"], update=_nan_scale)
     server = SiteServer(handlers, "127.0.0.1", 0)
     server.start()
     try:

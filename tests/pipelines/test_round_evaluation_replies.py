@@ -6,12 +6,12 @@ step only after the evaluation is recorded (so re-execution from failure loses n
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import dagster as dg
 import pytest
 
 from tests.conftest import SITES
+from tests.pipelines.hostile_sites import Tampered
 from twin_core.federation import SiteEvaluation, SiteFailure
 from twin_pipelines.assets.evaluation import _screened
 from twin_pipelines.campaign import run_round
@@ -19,26 +19,12 @@ from twin_pipelines.config import RoundConfig
 from twin_pipelines.resources import InProcessFleet, MlflowRegistry
 
 
-class ForgedEvaluation:
-    """A site whose evaluation replies carry statistics the task did not declare, or NaN."""
+def _undeclared_statistic(statistics: dict) -> dict:
+    return {**statistics, "patient_ids": 1.0}
 
-    def __init__(self, inner, damage: str):
-        self.inner, self.site_id, self.damage = inner, inner.site_id, damage
 
-    def info(self, timeout):
-        return self.inner.info(timeout)
-
-    def train(self, *args, **kwargs):
-        return self.inner.train(*args, **kwargs)
-
-    def evaluate(self, *args, **kwargs) -> SiteEvaluation:
-        reply = self.inner.evaluate(*args, **kwargs)
-        stats = dict(reply.statistics)
-        if self.damage == "extra":
-            stats["patient_ids"] = 1.0
-        else:
-            stats[next(iter(stats))] = math.nan
-        return replace(reply, statistics=stats)
+def _nan_statistic(statistics: dict) -> dict:
+    return {**statistics, next(iter(statistics)): math.nan}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +59,8 @@ def test_screened_turns_malformed_replies_into_failures_and_keeps_the_rest():
 def test_malformed_evaluations_are_site_failures_of_the_round(handlers, round_env, instance):
     fleet = {
         **handlers,
-        "site-3": ForgedEvaluation(handlers["site-3"], "extra"),
-        "site-4": ForgedEvaluation(handlers["site-4"], "nan"),
+        "site-3": Tampered(handlers["site-3"], evaluation=_undeclared_statistic),
+        "site-4": Tampered(handlers["site-4"], evaluation=_nan_statistic),
     }
     env = round_env(InProcessFleet(fleet))
     result = run_round(env.defs, instance, RoundConfig(min_sites=2))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -11,35 +10,21 @@ import numpy as np
 import pytest
 
 from tests.conftest import SITES
-from twin_core.federation import SiteUpdate
+from tests.pipelines.hostile_sites import Tampered
 from twin_pipelines.campaign import run_campaign, run_round
 from twin_pipelines.config import RoundConfig
 from twin_pipelines.resources import InProcessFleet
 
 
-class CorruptSite:
-    """A site whose updates are damaged in a given way (a buggy or hostile site)."""
+def _nan_tensor(weights: dict) -> dict:
+    name = next(iter(weights))
+    return {**weights, name: np.full_like(weights[name], np.nan)}
 
-    def __init__(self, inner, damage: str):
-        self.inner, self.site_id, self.damage = inner, inner.site_id, damage
 
-    def info(self, timeout):
-        return self.inner.info(timeout)
-
-    def evaluate(self, *args, **kwargs):
-        return self.inner.evaluate(*args, **kwargs)
-
-    def train(self, *args, **kwargs) -> SiteUpdate:
-        update = self.inner.train(*args, **kwargs)
-        weights = dict(update.weights)
-        name = next(iter(weights))
-        if self.damage == "nan":
-            weights[name] = np.full_like(weights[name], np.nan)
-        elif self.damage == "shape":
-            weights[name] = np.zeros(
-                weights[name].shape[:-1] + (weights[name].shape[-1] + 1,), weights[name].dtype
-            )
-        return replace(update, weights=weights)
+def _wrong_shape(weights: dict) -> dict:
+    name = next(iter(weights))
+    shape = weights[name].shape
+    return {**weights, name: np.zeros(shape[:-1] + (shape[-1] + 1,), weights[name].dtype)}
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +72,8 @@ def test_same_seed_gives_bit_identical_global_weights(handlers, round_env, tmp_p
 def test_corrupt_updates_are_rejected_and_reported(handlers, round_env, instance):
     fleet = {
         **handlers,
-        "site-3": CorruptSite(handlers["site-3"], "nan"),
-        "site-4": CorruptSite(handlers["site-4"], "shape"),
+        "site-3": Tampered(handlers["site-3"], update=_nan_tensor),
+        "site-4": Tampered(handlers["site-4"], update=_wrong_shape),
     }
     env = round_env(InProcessFleet(fleet))
     result = run_round(env.defs, instance, RoundConfig(min_sites=2))
@@ -117,8 +102,8 @@ def test_corrupt_updates_are_rejected_and_reported(handlers, round_env, instance
 def test_quorum_failure_registers_nothing_and_keeps_updates(handlers, round_env, instance):
     fleet = {
         **handlers,
-        "site-3": CorruptSite(handlers["site-3"], "nan"),
-        "site-4": CorruptSite(handlers["site-4"], "nan"),
+        "site-3": Tampered(handlers["site-3"], update=_nan_tensor),
+        "site-4": Tampered(handlers["site-4"], update=_nan_tensor),
     }
     env = round_env(InProcessFleet(fleet))
     result = run_round(env.defs, instance, RoundConfig(min_sites=3))
